@@ -1,0 +1,96 @@
+"""Grouped-query attention with rotary position embeddings (RoPE) and an optional KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class AttentionConfig:
+    """Attention shape. ``head_dim``/``rotary_dim`` of None are resolved by ``HavocConfig``
+    (to d_model // num_heads and to head_dim) and then stored explicitly in config.json."""
+
+    num_heads: int = 24
+    head_dim: int | None = None
+    num_kv_heads: int = 4
+    dropout: float = 0.0
+    rotary_dim: int | None = None
+    rope_theta: float = 10000.0
+    bias: bool = False
+
+
+def rope_tables(rotary_dim: int, theta: float, max_len: int, device: torch.device | None = None) -> Tensor:
+    """cos/sin for every position, shape [max_len, 2, rotary_dim // 2], computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` channels of x [B, H, T, D] ("rotate-half" pairing,
+    as in Llama/HF); the remaining channels (partial rotary) pass through unchanged."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rest.shape[-1]:
+        rotated.append(rest)
+    return torch.cat(rotated, dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for one layer: [batch, num_kv_heads, max_len, head_dim].
+
+    Only the KV heads are cached (grouped-query attention); the query heads share them.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, cfg: AttentionConfig) -> None:
+        super().__init__()
+        assert cfg.head_dim is not None, "resolve the config through HavocConfig first"
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(d_model, cfg.num_heads * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
+                mask: Tensor | None = None) -> Tensor:
+        """x [B, T, d_model]; cos/sin [T, r/2] or [B, 1, T, r/2]; mask: bool, True = may attend,
+        broadcastable to [B, H, T, S]. Without a mask the attention is causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        S = k.shape[2]
+        is_causal = mask is None and T > 1
+        if is_causal and S != T:  # continuing a cached sequence with several new tokens
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -1,0 +1,207 @@
+"""Checkpoint directories: atomic save, strict load, precise errors.
+
+Layout (see docs/CHECKPOINTS.md)::
+
+    checkpoints/<run>/checkpoint_step_<N>/
+        config.json  model.safetensors  tokenizer.json  tokenizer_config.json
+        trainer_state.json  optimizer.pt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from havoc_core.config import HavocConfig
+from havoc_core.errors import CheckpointError
+from havoc_core.model import HavocModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint_step_N`` dirs of a run, oldest first (temporary dirs are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / CONFIG_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the newest checkpoint of a run dir."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (with {CONFIG_FILE}), found a file")
+    steps = list_checkpoints(path)
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path}: no {CONFIG_FILE} here and no checkpoint_step_N directories under it")
+
+
+def load_config(path: str | Path) -> HavocConfig:
+    """The complete model config of a checkpoint (or of a run's newest checkpoint)."""
+    return HavocConfig.load(find_checkpoint(path) / CONFIG_FILE)
+
+
+# --------------------------------------------------------------------------- saving
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling, fsync it, then rename it into place, so a
+    crash at any moment leaves either the old directory or the complete new one under ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: HavocConfig, *,
+                    tokenizer: Any = None, trainer_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint dir atomically. ``tokenizer`` is anything with ``save(dir)``
+    (``havoc_core.tokenizer.HavocTokenizer``); the tied embedding is stored once."""
+
+    def write(tmp: Path) -> None:
+        config.save(tmp / CONFIG_FILE)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+
+    return write_atomic_dir(Path(path), write)
+
+
+def save_model(path: str | Path, model: HavocModel, **kwargs: Any) -> Path:
+    return save_checkpoint(path, model.state_dict(), model.config, **kwargs)
+
+
+# --------------------------------------------------------------------------- loading and checking
+
+def _explain(name: str, dim: int, found: int, cfg: HavocConfig) -> str:
+    """Name the config field behind dimension ``dim`` of parameter ``name``."""
+    a = cfg.attention
+    heads = {"q_proj": ("attention.num_heads", a.num_heads), "o_proj": ("attention.num_heads", a.num_heads),
+             "k_proj": ("attention.num_kv_heads", a.num_kv_heads), "v_proj": ("attention.num_kv_heads", a.num_kv_heads)}
+    part = name.split(".")[-2] if "." in name else name
+    if part in heads and (dim == 0) == (part != "o_proj"):
+        field, n = heads[part]
+        expected = n * (a.head_dim or 0)
+        hint = (f" (e.g. {field} {found // a.head_dim} with attention.head_dim {a.head_dim})"
+                if a.head_dim and found % a.head_dim == 0 else "")
+        return f"{field} x attention.head_dim: weights imply {found}, config.json says {expected} " \
+               f"({n} x {a.head_dim}){hint}"
+    if part in ("w1", "w3", "w2") and (dim == 0) == (part != "w2"):
+        return f"mlp.hidden_dim: weights imply {found}, config.json says {cfg.mlp.hidden_dim}"
+    if part in ("embed", "lm_head") and dim == 0:
+        return f"vocab_size: weights imply {found}, config.json says {cfg.vocab_size}"
+    return f"d_model: weights imply {found}, config.json says {cfg.d_model}"
+
+
+def check_weights(found: dict[str, tuple[int, ...]], cfg: HavocConfig, where: str) -> None:
+    """Compare weight names/shapes with what ``cfg`` builds; raise naming the responsible field."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in HavocModel(cfg).state_dict().items()}
+    layer_ids = {int(m.group(1)) for k in found if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layer_ids and len(layer_ids) != cfg.num_layers:
+        raise CheckpointError(f"{where}: num_layers: weights imply {len(layer_ids)}, config.json says {cfg.num_layers}")
+    for key, field, says in [("lm_head.weight", "tie_word_embeddings", cfg.tie_word_embeddings),
+                             ("layers.0.attn.q_proj.bias", "attention.bias", not cfg.attention.bias)]:
+        if (key in found) != (key in expected):
+            has = "has" if key in found else "has no"
+            raise CheckpointError(f"{where}: {field}: weights file {has} {key}, config.json says "
+                                  f"{json.dumps(says if field == 'tie_word_embeddings' else not says)}")
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise CheckpointError(f"{where}: missing parameter {missing[0]} (shape {list(expected[missing[0]])})"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected parameter {unexpected[0]} not built by config.json"
+                              f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    bad = [(k, found[k], expected[k]) for k in expected if found[k] != expected[k]]
+    if bad:
+        k, f, e = bad[0]
+        if len(f) != len(e):
+            raise CheckpointError(f"{where}: {k} has {len(f)} dimensions {list(f)}, expected {list(e)}")
+        dim = next(i for i in range(len(e)) if f[i] != e[i])
+        more = f" ({len(bad)} parameters mismatch)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{where}: {k} has shape {list(f)}, config.json builds {list(e)}: "
+                              f"{_explain(k, dim, f[dim], cfg)}{more}")
+
+
+def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read model.safetensors after checking every name and shape against ``cfg``."""
+    path = ckpt / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (a checkpoint needs its weights)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            check_weights(shapes, cfg, str(path))
+            return {k: f.get_tensor(k) for k in shapes}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HavocModel:
+    """Build the model from the checkpoint's own config.json (nothing from defaults) and load it."""
+    ckpt = find_checkpoint(path)
+    cfg = HavocConfig.load(ckpt / CONFIG_FILE)
+    state = load_weights(ckpt, cfg, device)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = HavocModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_rope()
+    return model.eval()

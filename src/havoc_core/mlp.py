@@ -1,0 +1,33 @@
+"""Gated feed-forward block: w2(act(w1 x) * w3 x), with GELU (GeGLU) or SiLU (SwiGLU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Activation = Literal["gelu", "swiglu"]
+
+
+@dataclass
+class MLPConfig:
+    """Both activations are gated (three matrices): that is what the 2.05B "havoc-2b" count needs."""
+
+    hidden_dim: int = 12288
+    activation: Activation = "swiglu"
+    dropout: float = 0.0
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d_model: int, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, d_model, bias=False)  # down
+        self.act = F.silu if cfg.activation == "swiglu" else F.gelu  # exact (erf) GELU, as HF "gelu"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(self.act(self.w1(x)) * self.w3(x)))
