@@ -177,8 +177,10 @@ def check_weights(found: dict[str, tuple[int, ...]], cfg: HavocConfig, where: st
                               f"{_explain(k, dim, f[dim], cfg)}{more}")
 
 
-def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read model.safetensors after checking every name and shape against ``cfg``."""
+def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu", *,
+                 shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """Read model.safetensors after checking every name and shape against ``cfg``
+    (``shapes_only``: check from the file header alone and return nothing)."""
     path = ckpt / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (a checkpoint needs its weights)")
@@ -186,7 +188,7 @@ def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             check_weights(shapes, cfg, str(path))
-            return {k: f.get_tensor(k) for k in shapes}
+            return {} if shapes_only else {k: f.get_tensor(k) for k in shapes}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
     except OSError as e:

@@ -47,6 +47,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     cfg = _config_from(args.source)
     _print_tree(cfg.to_dict())
+    if args.check_weights:
+        from havoc_core.checkpoint import find_checkpoint, load_weights
+
+        load_weights(find_checkpoint(args.source), cfg, shapes_only=True)
+        print("weights: every name and shape matches config.json")
     n = cfg.num_parameters()
     print(f"Model parameters: {format_params(n)} ({n:,})")
 
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("inspect", cmd_inspect, "print a model config tree and its parameter count (no weights loaded)")
     p.add_argument("source", help="preset name, config.json, checkpoint dir or run dir")
+    p.add_argument("--check-weights", action="store_true",
+                   help="also check model.safetensors' names and shapes (header only) against the config")
 
     p = add("init", cmd_init, "write a randomly initialised checkpoint")
     p.add_argument("--preset", required=True, help="preset name, config.json or checkpoint dir")

@@ -67,7 +67,8 @@ class HavocModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+    def make_cache(self, batch_size: int, max_len: int | None = None,
+                   dtype: torch.dtype | None = None) -> list[KVCache]:
         """One preallocated KV cache per layer, for ``max_len`` positions (default: the context)."""
         a = self.config.attention
         assert a.head_dim is not None
