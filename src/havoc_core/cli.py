@@ -6,6 +6,7 @@ Every ``HavocError`` becomes one ``error: ...`` line on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,86 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({format_params(model.num_parameters())} parameters, random init)")
 
 
+def _train_config(args: argparse.Namespace, phase: str) -> Any:
+    """TrainConfig from --config (TOML/JSON) and the flags given, the flags winning."""
+    import dataclasses
+
+    from havoc_core.config import from_dict, to_dict
+    from havoc_core.train import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    given["phase"] = phase
+    if phase == "sft" and "init" not in given and not args.config:
+        given["init"] = "checkpoints/havoc_phase0_pretrain"
+    if args.config:
+        return TrainConfig.load(args.config, overrides=given)
+    return from_dict(TrainConfig, {**to_dict(TrainConfig()), **given}, where="flags: ").validate("flags: ")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from havoc_core.train import run_training
+
+    last = run_training(_train_config(args, args.command), resume=args.resume)
+    print(json.dumps(last))
+    return 130 if last.get("interrupted") else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from havoc_core.demo import run_demo
+
+    return run_demo()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from havoc_core.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
+                                 max_batches=args.max_batches)
+    print(f"val loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+          f"bits per byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from havoc_core.train import plot_run
+
+    print(f"wrote {plot_run(args.run)}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from havoc_core.hf import export
+
+    print(f"wrote {export(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)} (Hugging Face Llama layout)")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from havoc_core.hf import import_hf
+
+    print(f"wrote {import_hf(args.hf_dir, args.out_dir)} (HAVOC checkpoint)")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, generated from the dataclass (no hand-kept list)."""
+    import dataclasses
+    import typing
+
+    from havoc_core.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    p.add_argument("--config", help="TOML or JSON file of TrainConfig settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of out_dir")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "phase":
+            continue
+        tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        elif typing.get_origin(tp) is typing.Literal:
+            p.add_argument(flag, choices=typing.get_args(tp), default=None, help=f"(default {f.default})")
+        else:
+            p.add_argument(flag, type=tp, default=None, help=f"(default {f.default!r})")
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--tokenizer", help="tokenizer.json (or a dir with one) to store beside the weights")
     p.add_argument("--seed", type=int, default=0)
+
+    for phase, text in [("pretrain", "pretrain a model (from a preset, config.json or checkpoint)"),
+                        ("sft", "fine-tune a checkpoint on conversations (loss on assistant tokens only)")]:
+        _add_train_flags(add(phase, cmd_train, text))
+
+    add("demo", cmd_demo, "the whole pipeline on the built-in corpus (no download), then chat")
+
+    p = add("eval", cmd_eval, "validation loss, perplexity and bits per byte of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint dir or run dir")
+    p.add_argument("--data", required=True, help="`havoc prepare` dir (val split) or conversations JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=50)
+
+    p = add("plot", cmd_plot, "write RUN/loss.png from RUN/metrics.jsonl")
+    p.add_argument("run", help="run directory, e.g. checkpoints/havoc_phase0_pretrain")
+
+    p = add("export", cmd_export, "write a checkpoint as a Hugging Face Llama model dir (transformers, vLLM, ...)")
+    p.add_argument("checkpoint", help="checkpoint dir or run dir")
+    p.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a dir with one) if the checkpoint has none")
+
+    p = add("import", cmd_import, "turn a Hugging Face Llama model dir (safetensors) into a HAVOC checkpoint")
+    p.add_argument("hf_dir", help="directory with config.json, model.safetensors (or shards) and tokenizer.json")
+    p.add_argument("out_dir", help="checkpoint directory to write")
 
     return parser
 
