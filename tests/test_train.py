@@ -100,7 +100,8 @@ def test_sft_loss_mask_gives_exactly_zero_gradient(prepared):
     convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is len?"},
               {"role": "assistant", "content": "The length of an object."}],
              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-              {"role": "user", "content": "What is a tuple?"}, {"role": "assistant", "content": "An immutable sequence."}]]
+              {"role": "user", "content": "What is a tuple?"},
+              {"role": "assistant", "content": "An immutable sequence."}]]
     examples = [render_chat(tok, c) for c in convs]
     x, y = SFTBatches(examples, tok.pad_id, seed=0).rows(0, range(2), 2)
     model = HavocModel(HavocConfig.load(prepared / "tiny.json"))
@@ -113,7 +114,8 @@ def test_sft_loss_mask_gives_exactly_zero_gradient(prepared):
     assert torch.all(g[masked] == 0) and torch.all(g[~masked] > 0)
     # and the unmasked targets are exactly the assistant tokens (+ their closing eos) of every turn
     for (ids, mask), row in zip(examples, y, strict=True):
-        assert row[: len(ids) - 1].tolist() == [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
+        expected = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
+        assert row[: len(ids) - 1].tolist() == expected
 
 
 def test_sft_end_to_end_from_a_pretrain_checkpoint(prepared, tmp_path):
