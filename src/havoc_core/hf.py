@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,10 +107,10 @@ def from_llama_config(llama: LlamaConfig, where: str = "") -> HavocConfig:
         raise refuse("hidden_act", " or ".join(f'"{v}"' for v in ACTIVATIONS.values()), c.hidden_act)
     if getattr(c, "mlp_bias", False):
         raise refuse("mlp_bias", "false (HAVOC's MLP has no bias)", c.mlp_bias)
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    scaling = getattr(c, "rope_scaling", None)
-    if scaling or rope.get("rope_type", "default") != "default":
-        raise refuse("rope_scaling", "null (plain RoPE)", scaling or rope)
+    # transformers 5 keeps theta and scaling in rope_parameters (rope_scaling is an alias of it)
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise refuse("rope_scaling", "null (plain RoPE)", rope)
     theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
     bos, eos = _first_id(c.bos_token_id), _first_id(c.eos_token_id)
     for key, tid in [("bos_token_id", bos), ("eos_token_id", eos)]:
@@ -210,3 +212,147 @@ def to_llama(model: HavocModel) -> LlamaForCausalLM:
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config)
     assert not any(t.is_meta for t in hf.buffers()), "a transformers buffer was left on the meta device"
     return hf.eval()
+
+
+# --------------------------------------------------------------------------- files
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class CopiedTokenizer:
+    """A tokenizer that is not a HAVOC one (an imported Llama's): its files are kept verbatim."""
+
+    def __init__(self, file: Path) -> None:
+        self.files = {name: file.parent / name for name in TOKENIZER_FILES[1:] if (file.parent / name).is_file()}
+        self.files[TOKENIZER_FILES[0]] = file
+
+    def save(self, directory: str | Path) -> None:
+        for name, src in self.files.items():
+            shutil.copyfile(src, Path(directory) / name)
+
+
+def _load_tokenizer(path: Path, cfg: HavocConfig) -> Any:
+    """The HAVOC tokenizer at ``path`` (a dir holding tokenizer.json, or the file; checked against
+    ``cfg``), or, for a valid file without HAVOC's special tokens, a ``CopiedTokenizer``."""
+    from tokenizers import Tokenizer
+
+    from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
+
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise HavocError(f"{file}: not found; HAVOC needs the fast tokenizer file (with transformers: "
+                         "AutoTokenizer.from_pretrained(...).save_pretrained(dir) writes it)")
+    try:
+        tok = HavocTokenizer.load(file)
+    except HavocError as error:
+        try:
+            n = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+        except Exception:  # the Rust library raises a bare Exception for malformed files
+            raise error from None
+        if n > cfg.vocab_size:
+            raise HavocError(f"{file}: vocab_size: the tokenizer has {n} tokens, the model only "
+                             f"{cfg.vocab_size} embeddings") from None
+        return CopiedTokenizer(file)
+    tok.check_compatible(cfg)
+    return tok
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HavocError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HavocError(f"{path}: cannot read as JSON ({e})") from None
+
+
+def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single ``model.safetensors`` or of the shards listed in its index.
+    Pickled ``.bin`` weights are refused: unpickling runs arbitrary code."""
+    from safetensors import SafetensorError, safe_open
+
+    if (hf_dir / HF_INDEX).is_file():
+        weight_map = _read_json(hf_dir / HF_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HavocError(f"{hf_dir / HF_INDEX}: weight_map: expected an object naming each tensor's shard")
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+    elif (hf_dir / HF_WEIGHTS).is_file():
+        shards = {HF_WEIGHTS: []}
+    else:
+        pickles = sorted(p.name for p in hf_dir.glob("*.bin"))
+        found = f"found only {', '.join(pickles)} (pickle files, never loaded: they can run code); " if pickles else ""
+        raise HavocError(f"{hf_dir}: no {HF_WEIGHTS} or {HF_INDEX}; {found}convert with "
+                         "model.save_pretrained(dir, safe_serialization=True)")
+    state: dict[str, torch.Tensor] = {}
+    for shard, names in shards.items():
+        path = hf_dir / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in names or list(f.keys()):
+                    if name not in f.keys():
+                        raise HavocError(f"{path}: {name}: listed in {HF_INDEX} but not in this shard")
+                    state[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise HavocError(f"{path}: cannot read as safetensors ({e})") from None
+    return state
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a HAVOC checkpoint as a Hugging Face Llama dir that ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` load as is: config.json, model.safetensors (same dtype), tokenizer files
+    (HAVOC's chat template and special tokens), generation_config.json."""
+    from safetensors.torch import save_file
+
+    from havoc_core.checkpoint import CONFIG_FILE, find_checkpoint, load_weights, write_atomic_dir
+    from havoc_core.tokenizer import TOKENIZER_CONFIG_FILE, HavocTokenizer, tokenizer_config_dict
+
+    ckpt = find_checkpoint(checkpoint)
+    cfg = HavocConfig.load(ckpt / CONFIG_FILE)
+    config = llama_config_dict(cfg)  # refuse before reading the weights
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer else ckpt, cfg)
+    state = load_weights(ckpt, cfg)
+    config["torch_dtype"] = str(state["embed.weight"].dtype).removeprefix("torch.")
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+    def write(tmp: Path) -> None:
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
+        tensors = {k: v.contiguous() for k, v in to_llama_state_dict(state, cfg).items()}
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        tok.save(tmp)
+        if isinstance(tok, HavocTokenizer):  # add the context length transformers should know
+            text = json.dumps(tokenizer_config_dict(tok, model_max_length=cfg.max_seq_len), indent=2,
+                              ensure_ascii=False)
+            (tmp / TOKENIZER_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+
+    return write_atomic_dir(Path(out_dir), write)
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Turn a Llama-layout Hugging Face dir (single or sharded safetensors) into a HAVOC checkpoint:
+    config.json, model.safetensors (same dtype) and its tokenizer (kept verbatim if not HAVOC's)."""
+    from havoc_core.checkpoint import save_checkpoint
+
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise HavocError(f"{hf_dir}: not a directory (expected a Hugging Face model dir with {HF_CONFIG})")
+    path = hf_dir / HF_CONFIG
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("model_type") != "llama":
+        found = data.get("model_type") if isinstance(data, dict) else data
+        raise HavocError(f"{path}: model_type: expected \"llama\" (HAVOC imports the Llama layout only), "
+                         f"found {json.dumps(found)}")
+    try:
+        llama = _transformers().LlamaConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise HavocError(f"{path}: not a valid Llama config ({e})") from None
+    cfg = from_llama_config(llama, where=f"{path}: ")
+    tok = _load_tokenizer(hf_dir, cfg)
+    state = from_llama_state_dict(_read_safetensors(hf_dir), cfg, where=str(hf_dir))
+    return save_checkpoint(out_dir, state, cfg, tokenizer=tok)
