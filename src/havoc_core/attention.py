@@ -54,11 +54,27 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, n_kv, T, hd] at positions ``start ..`` and return what to attend to, in
+        k's dtype (so a bf16 cache also serves an fp32 prefill). ``start`` is an int (every row
+        alike; returns positions [0, start + T)) or a [B] tensor, one start per row (slot-based
+        batch decoding; returns the whole buffer, which the caller masks)."""
+        if isinstance(start, Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
+            self.k[rows, :, cols] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, cols] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k.to(k.dtype), self.v.to(v.dtype)
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
+
+    def view(self, rows: slice, length: int) -> KVCache:
+        """A cache sharing this one's storage: batch rows ``rows``, positions [0, length)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[rows, :, :length], self.v[rows, :, :length]
+        return view
 
 
 class Attention(nn.Module):
@@ -72,8 +88,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d_model, bias=cfg.bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                start: int | Tensor = 0, mask: Tensor | None = None) -> Tensor:
         """x [B, T, d_model]; cos/sin [T, r/2] or [B, 1, T, r/2]; mask: bool, True = may attend,
         broadcastable to [B, H, T, S]. Without a mask the attention is causal."""
         B, T, _ = x.shape
@@ -83,14 +99,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)
-        S = k.shape[2]
-        is_causal = mask is None and T > 1
-        if is_causal and S != T:  # continuing a cached sequence with several new tokens
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        S, groups = k.shape[2], self.num_heads // self.num_kv_heads
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 and groups > 1 and (mask is None or mask.shape[1] == 1):
+            # Decode: fold each KV head's query group into the query axis; no K/V copy
+            # (SDPA's enable_gqa measured 2-50x slower on CPU, docs/LOG.md).
+            qg = q.reshape(B, self.num_kv_heads, groups, self.head_dim)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
+            y = y.reshape(B, self.num_heads, 1, self.head_dim)
+        else:
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            is_causal = mask is None and T > 1
+            if is_causal and S != T:  # continuing a cached sequence with several new tokens
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                is_causal = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
