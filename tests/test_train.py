@@ -258,6 +258,23 @@ def test_torchrun_ddp_matches_single_process(prepared, tmp_path):
     assert all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref)
 
 
+def test_torchrun_fsdp2_on_cpu_matches_single_process(prepared, tmp_path):
+    """FSDP2 (fully_shard) over 2 gloo ranks: same losses as one process, a full checkpoint on rank 0."""
+    common = ["--init", str(prepared / "tiny.json"), "--data", str(prepared / "data"), "--tokenizer",
+              str(prepared / "tok"), "--max-steps", "3", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
+              "--save-every", "3"]
+    assert havoc("pretrain", *common, "--batch-size", "4", "--out-dir", str(tmp_path / "single")).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run([*torchrun, "-m", "havoc_core.cli", "pretrain", *common, "--batch-size", "2", "--fsdp",
+                          "--out-dir", str(tmp_path / "fsdp")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    ref, got = load_model(tmp_path / "single").state_dict(), load_model(tmp_path / "fsdp").state_dict()
+    assert all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref)
+
+
 def test_save_model_then_sft_init_from_checkpoint_dir(prepared, tmp_path):
     """A checkpoint without trainer_state (e.g. `havoc init`) is a valid SFT start."""
     from havoc_core.tokenizer import HavocTokenizer

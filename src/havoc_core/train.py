@@ -490,6 +490,8 @@ class Trainer:
                     loss_sum += loss.detach()
                     tokens += int((y != IGNORE_INDEX).sum()) if cfg.phase == "sft" else y.numel()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
