@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg.d_model, cfg.mlp)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int | Tensor,
                 mask: Tensor | None) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))
         return x + self.mlp(self.mlp_norm(x))
@@ -77,17 +77,22 @@ class HavocModel(nn.Module):
                         dtype or w.dtype, w.device) for _ in self.layers]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: list[KVCache] | None = None,
-                start: int = 0, positions: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                start: int | Tensor = 0, positions: Tensor | None = None, mask: Tensor | None = None,
+                last_only: bool = False, compute_dtype: torch.dtype | None = None) -> Tensor:
         """idx [B, T] token ids -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
 
         With ``targets`` [B, T] (``-100`` = ignore) it returns the mean cross-entropy instead, so a
         DDP/FSDP wrapper sees the loss come out of ``forward``. With ``cache``, the tokens occupy
         positions ``start .. start+T-1``; ``positions`` [B, T] overrides the RoPE positions (left-padded
         batches) and ``mask`` (bool, True = may attend, broadcastable to [B, H, T, S]) the causal mask.
+        A [B] tensor ``start`` gives every row its own cache position (slot-based batch decoding; pass
+        ``mask``). ``compute_dtype`` sets the activations' dtype (e.g. an fp32 prefill of bf16 weights).
         """
         T = idx.shape[1]
-        if start + T > self.config.max_seq_len:
+        if isinstance(start, Tensor):
+            if positions is None:
+                positions = start[:, None] + torch.arange(T, device=idx.device)
+        elif start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if positions is None:
             table = self.rope[start : start + T]
@@ -96,12 +101,14 @@ class HavocModel(nn.Module):
             table = self.rope[positions].unsqueeze(1)  # [B, 1, T, 2, r/2]
             cos, sin = table[..., 0, :], table[..., 1, :]
         x = self.embed(idx)
+        if compute_dtype is not None:
+            x = x.to(compute_dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start, mask)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),

@@ -1,0 +1,458 @@
+"""Generation: a preallocated KV cache, prefill then decode, sampling, stop handling, UTF-8-safe
+streaming and slot-based batching, for any ``HavocModel``.
+
+The engine has ``max_batch`` slots; each slot is one row of the KV cache ([slots, n_kv, ctx, hd]:
+grouped-query attention caches the KV heads only) with its own position, so requests of different
+lengths join and leave between decode steps (continuous batching)::
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    slot = engine.add(prompt_ids, SamplingParams(temperature=0.7))  # prefill into a free slot
+    while engine.active():
+        for event in engine.step():       # one token for every running slot
+            print(event.slot, event.text, event.finish_reason)
+    engine.result(slot)                   # Completion(ids, text, finish_reason, ...)
+    engine.remove(slot)                   # free it (or keep it: add(..., slot=slot) reuses its cache)
+
+``add`` prefills only the part of a prompt that the slot's cache does not already hold (a chat turn
+prefills its new tokens only). ``Event.text`` is always whole UTF-8 characters and never runs into
+a stop string. ``generate`` (many prompts -> completions, queueing beyond ``max_batch``) and
+``stream`` (text deltas of one request) drive the engine themselves; a server calls
+``add``/``step``/``remove`` from one thread.
+
+On CPU, weights can be stored in bf16 or int8 (``prepare_model``) while the prefill computes in
+fp32 (bf16 matmuls are slow without native bf16 units) and a decode step reads each weight once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from havoc_core.errors import HavocError
+from havoc_core.model import HavocModel
+
+Quantize = Literal["int8"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+# --------------------------------------------------------------------------- sampling
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off;
+    ``seed`` makes a request reproducible whatever else is in the batch."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_ids: Sequence[int] = ()  # besides the model's eos, which always stops
+
+    def validate(self) -> SamplingParams:
+        """HavocError naming the first value out of range; returns self for chaining."""
+        checks = [
+            ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             "an integer >= 1"),
+            ("temperature", self.temperature, _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", self.top_p, _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty,
+             _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise HavocError(f"{name}: expected {expected}, found {value!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise HavocError(f"stop: expected non-empty strings, found {list(self.stop)!r}")
+        return self
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                 seen: Tensor | None = None) -> int:
+    """One token id from logits [V]: repetition penalty (CTRL: divide positive logits, multiply
+    negative ones, for every id in ``seen``), then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = logits.clone()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# --------------------------------------------------------------------------- detokenising
+
+class TextStream:
+    """Generated ids -> text deltas that are whole UTF-8 characters and never part of a stop string.
+
+    Byte-level BPE splits characters across tokens: an incomplete character decodes to U+FFFD, so
+    those are held back (and a byte sequence that never completes is dropped, not printed). A
+    suffix that could still grow into a stop string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # what has been emitted
+        self.stopped = False  # a stop string was found; text ends before it
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        full = self.tokenizer.decode(self.ids).replace("\ufffd", "")
+        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            full, final, self.stopped = full[: min(hits)], True, True
+        if not final:
+            full = full[: len(full) - _partial_stop(full, self.stop)]
+        if len(full) <= len(self.text):
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+# --------------------------------------------------------------------------- weights for inference
+
+class InferenceLinear(nn.Module):
+    """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, or int8 with one
+    scale per output row (weight-only quantisation). It computes in the activations' dtype: an fp32
+    prefill upcasts (dequantises) the weight on the fly, a decode step reads the stored bytes once."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, quantize: Quantize | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or weight.dtype
+        self.scale: Tensor | None = None
+        if quantize == "int8":
+            w = weight.detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.scale = scale.to(dtype)
+        self.weight = weight.detach() if quantize else weight.detach().to(dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale is None:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:  # int8 kernel: reads 1 byte per weight
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class _CastRMSNorm(nn.RMSNorm):
+    """RMSNorm that follows the activations' dtype (bf16 weights inside an fp32 prefill)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
+                  quantize: Quantize | None = None) -> HavocModel:
+    """Convert ``model`` in place for inference: weights stored in ``dtype`` (e.g. bf16), the
+    block and output matrices optionally int8. Its activations may then run in any dtype."""
+    dtype = dtype or model.embed.weight.dtype
+    if quantize not in (None, "int8"):
+        raise HavocError(f"quantize: expected int8 or nothing, found {quantize!r}")
+    if quantize == "int8" and dtype == torch.float32:
+        dtype = torch.bfloat16  # the int8 kernel takes bf16 activations
+    model.eval().requires_grad_(False).to(dtype)
+    for module in list(model.modules()):
+        if isinstance(module, nn.RMSNorm):
+            module.__class__ = _CastRMSNorm
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, InferenceLinear(child.weight, child.bias, quantize, dtype))
+    if model.lm_head is None and quantize:  # the tied output matrix is read every step: quantise a copy
+        model.lm_head = InferenceLinear(model.embed.weight, None, quantize, dtype)
+    return model
+
+
+def default_prefill_dtype(model: HavocModel) -> torch.dtype:
+    """fp32 on CPU (no native bf16 matmuls), the weights' own dtype on accelerators."""
+    w = model.embed.weight
+    return torch.float32 if w.device.type == "cpu" else w.dtype
+
+
+def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                       quantize: Quantize | None = None) -> tuple[HavocModel, Any]:
+    """Model and tokenizer of a checkpoint (or of a run's newest checkpoint), checked against each other."""
+    from havoc_core.checkpoint import find_checkpoint, load_model
+    from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
+
+    ckpt = find_checkpoint(path)
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        raise HavocError(f"{ckpt}: no {TOKENIZER_FILE} in this checkpoint (chat needs one; store it with "
+                         f"`havoc init --tokenizer` or train through `havoc train`)")
+    tokenizer = HavocTokenizer.load(ckpt)
+    model = load_model(ckpt, device=device)
+    tokenizer.check_compatible(model.config)
+    if dtype not in (None, torch.float32) or quantize:
+        prepare_model(model, dtype, quantize)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- the engine
+
+@dataclass
+class Event:
+    """One step of one request: the token just produced (the stop token too) and the text it adds."""
+
+    slot: int
+    token: int
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    ids: list[int]  # generated ids, without the stop token
+    text: str
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class _Slot:
+    tokens: list[int]  # ids whose keys/values sit in the cache at positions 0 .. len-1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_len: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending: int = 0  # sampled, not yet in the cache
+    reported: bool = True
+    active: bool = False
+    finish_reason: FinishReason | None = None
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    seen: Tensor | None = None
+
+
+class Engine:
+    """Slot-based batch decoder over one preallocated KV cache (see the module docstring)."""
+
+    def __init__(self, model: HavocModel, tokenizer: Any = None, *, max_batch: int = 1,
+                 prefill_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        self.max_len = cfg.max_seq_len
+        self.device = model.embed.weight.device
+        self.cache = model.make_cache(max_batch, self.max_len)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.prefill_dtype = prefill_dtype or default_prefill_dtype(model)
+        self.stop_ids = {cfg.eos_token_id}
+        self.last_prefill = 0  # tokens the latest add() ran through the model
+        self._decode = torch.compile(model, dynamic=True) if compile else model
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
+            slot: int | None = None) -> int:
+        """Prefill ``prompt`` into ``slot`` (default: the first free one), reusing whatever prefix of
+        it the slot's cache already holds, and sample the first token (reported by the next step)."""
+        params = (params or SamplingParams()).validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise HavocError("prompt: expected at least one token, found an empty prompt")
+        if len(ids) >= self.max_len:
+            raise HavocError(f"prompt: {len(ids)} tokens leave no room to generate in the context of "
+                             f"max_seq_len={self.max_len}")
+        if slot is None:
+            slot = next((i for i, s in enumerate(self.slots) if s is None), None)
+            if slot is None:
+                raise HavocError(f"engine: all {len(self.slots)} slots are busy")
+        old = self.slots[slot]
+        if old is not None and old.active:
+            raise HavocError(f"slot {slot}: still generating")
+        keep = _common_prefix(old.tokens if old else [], ids, limit=len(ids) - 1)
+        state = _Slot(tokens=ids[:keep], params=params, prompt_len=len(ids), reported=False, active=True)
+        self.slots[slot] = state  # the cache holds ids[:keep]; an interrupted prefill leaves that true
+        logits = self._prefill(slot, ids[keep:], keep)
+        state.tokens = ids
+        self.last_prefill = len(ids) - keep
+        if params.seed is not None:
+            state.generator = torch.Generator().manual_seed(params.seed)
+        else:
+            state.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        if params.repetition_penalty != 1.0:
+            state.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            state.seen[ids] = True
+        if self.tokenizer is not None:
+            state.stream = TextStream(self.tokenizer, params.stop)
+        state.pending = self._sample(state, logits)
+        return slot
+
+    def step(self) -> list[Event]:
+        """Advance every active slot by one token: fresh slots report the token their prefill
+        sampled, running slots decode one (all of them in one batched forward pass)."""
+        active = [i for i, s in enumerate(self.slots) if s is not None and s.active]
+        running = [i for i in active if self.slots[i].reported]  # type: ignore[union-attr]
+        events = []
+        if running:
+            logits = self._decode_step(running)
+            for i in running:
+                s = self.slots[i]
+                assert s is not None
+                s.tokens.append(s.pending)
+                s.pending = self._sample(s, logits[i])
+                events.append(self._report(i, s))
+        for i in active:
+            s = self.slots[i]
+            assert s is not None
+            if not s.reported:
+                s.reported = True
+                events.append(self._report(i, s))
+        return events
+
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None and s.active]
+
+    def finish(self, slot: int) -> None:
+        """Stop a request early (client gone, Ctrl-C); its slot and cache stay for reuse."""
+        s = self.slots[slot]
+        if s is not None and s.active:
+            s.active, s.finish_reason = False, "abort"
+
+    def remove(self, slot: int) -> None:
+        self.slots[slot] = None
+
+    def result(self, slot: int) -> Completion:
+        s = self.slots[slot]
+        if s is None:
+            raise HavocError(f"slot {slot}: empty")
+        text = s.stream.text if s.stream is not None else ""
+        return Completion(s.prompt_len, list(s.generated), text, s.finish_reason)
+
+    # ------------------------------------------------------------------ drivers
+
+    def stream(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
+               slot: int | None = None) -> Iterator[str]:
+        """Text deltas of one request; leaving the loop early (or Ctrl-C) ends the request.
+        ``result(slot)`` has the ids afterwards (the slot is kept, for prefix reuse)."""
+        slot = self.add(prompt, params, slot=slot)
+        try:
+            while self._is_active(slot):
+                for event in self.step():
+                    if event.slot == slot and event.text:
+                        yield event.text
+        finally:
+            self.finish(slot)
+
+    def generate(self, prompts: Sequence[Sequence[int] | str],
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """Complete every prompt, ``max_batch`` at a time; a finished request's slot goes to the next prompt."""
+        results: list[Completion | None] = [None] * len(prompts)
+        owner: dict[int, int] = {}
+        queue = list(range(len(prompts)))
+        while queue or owner:
+            while queue and any(s is None for s in self.slots):
+                j = queue.pop(0)
+                owner[self.add(prompts[j], params)] = j
+            self.step()
+            for slot in [i for i in owner if not self._is_active(i)]:
+                results[owner.pop(slot)] = self.result(slot)
+                self.remove(slot)
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ internals
+
+    def _is_active(self, slot: int) -> bool:
+        s = self.slots[slot]
+        return s is not None and s.active
+
+    def _report(self, i: int, s: _Slot) -> Event:
+        token = s.pending
+        stream = s.stream
+        if token in self.stop_ids or token in s.params.stop_ids:
+            return self._end(i, s, token, stream.finish() if stream else "", "stop")
+        s.generated.append(token)
+        text = stream.push(token) if stream else ""
+        if stream is not None and stream.stopped:
+            return self._end(i, s, token, text, "stop")
+        if len(s.generated) >= s.params.max_new_tokens or len(s.tokens) + 1 >= self.max_len:
+            return self._end(i, s, token, text + (stream.finish() if stream else ""), "length")
+        return Event(i, token, text)
+
+    def _end(self, i: int, s: _Slot, token: int, text: str, reason: FinishReason) -> Event:
+        s.active, s.finish_reason = False, reason
+        return Event(i, token, text, reason)
+
+    def _sample(self, s: _Slot, logits: Tensor) -> int:
+        token = sample_token(logits, s.params, s.generator, s.seen)
+        if s.seen is not None:
+            s.seen[token] = True
+        return token
+
+    @torch.inference_mode()
+    def _prefill(self, slot: int, ids: list[int], start: int) -> Tensor:
+        cache = [c.view(slice(slot, slot + 1), self.max_len) for c in self.cache]
+        idx = torch.tensor([ids], device=self.device)
+        logits = self.model(idx, cache=cache, start=start, last_only=True, compute_dtype=self.prefill_dtype)
+        return logits[0, -1].float().cpu()
+
+    @torch.inference_mode()
+    def _decode_step(self, running: list[int]) -> Tensor:
+        """One token for rows 0..max(running): idle rows in that span compute a throwaway token,
+        written just past their valid cache entries, where it is never read."""
+        hi = max(running) + 1
+        pending = [s.pending if s is not None and i in running else 0 for i, s in enumerate(self.slots[:hi])]
+        pos = [len(s.tokens) if s is not None else 0 for s in self.slots[:hi]]
+        idx = torch.tensor(pending, device=self.device)[:, None]
+        if hi == 1:
+            cache = [c.view(slice(0, 1), pos[0] + 1) for c in self.cache]
+            logits = self._decode(idx, cache=cache, start=pos[0])
+        else:
+            length = max(pos) + 1
+            start = torch.tensor(pos, device=self.device)
+            mask = (torch.arange(length, device=self.device) <= start[:, None])[:, None, None, :]
+            cache = [c.view(slice(0, hi), length) for c in self.cache]
+            logits = self._decode(idx, cache=cache, start=start, mask=mask)
+        return logits[:, -1].float().cpu()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,252 @@
+"""Generation engine on a real BPE tokenizer (trained on pydoc topics) and a real, randomly
+initialised tiny model: cached decoding against the plain forward pass, batching, sampling,
+stop handling, UTF-8-safe streaming, the context limit, bf16/int8 weights."""
+
+import copy
+
+import pytest
+import torch
+
+from havoc_core import AttentionConfig, HavocConfig, HavocError, HavocModel, MLPConfig
+from havoc_core.generate import Engine, SamplingParams, TextStream, prepare_model, sample_token
+from havoc_core.tokenizer import HavocTokenizer
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=24)
+PROMPTS = ["def main():\n    ", "The import statement", "x", "Exceptions are raised when an error occurs in"]
+ATOL = 1e-4  # fp32 logits: cached decoding vs one full forward pass
+
+
+def topics_text() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> HavocTokenizer:
+    return HavocTokenizer.train(topics_text(), vocab_size=1024, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def model() -> HavocModel:
+    """A large init scale gives peaked, varied next-token distributions (not one repeated token)."""
+    torch.manual_seed(0)
+    cfg = HavocConfig(vocab_size=1024, d_model=64, num_layers=2, max_seq_len=96, initializer_range=0.3,
+                      attention=AttentionConfig(num_heads=4, num_kv_heads=2), mlp=MLPConfig(hidden_dim=128))
+    return HavocModel(cfg).eval()
+
+
+def naive_greedy(model: HavocModel, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with a full forward pass over the whole sequence for every token, no cache."""
+    ids, out = list(ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+        if t == model.config.eos_token_id or len(ids) >= model.config.max_seq_len:
+            break
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def prompt_ids(tok: HavocTokenizer, text: str) -> list[int]:
+    return [tok.bos_id, *tok.encode(text)]
+
+
+# --------------------------------------------------------------------------- exactness
+
+def test_cached_logits_equal_full_forward(model, tok):
+    ids = prompt_ids(tok, "Exceptions are raised when an error occurs in the interpreter, and")
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        cache = model.make_cache(1)
+        split = 5
+        parts = [model(torch.tensor([ids[:split]]), cache=cache, start=0)[0]]
+        for p in range(split, len(ids)):
+            parts.append(model(torch.tensor([[ids[p]]]), cache=cache, start=p)[0])
+    torch.testing.assert_close(torch.cat(parts), full, atol=ATOL, rtol=0)
+
+
+def test_per_row_positions_equal_full_forward(model, tok):
+    """Rows at different cache positions decoded in one batch (the engine's slot layout)."""
+    seqs = [prompt_ids(tok, t) for t in PROMPTS[:3]]
+    with torch.no_grad():
+        cache = model.make_cache(len(seqs))
+        for i, s in enumerate(seqs):  # prefill all but the last token of each row into its own row
+            model(torch.tensor([s[:-1]]), cache=[c.view(slice(i, i + 1), 96) for c in cache], start=0)
+        start = torch.tensor([len(s) - 1 for s in seqs])
+        length = int(start.max()) + 1
+        mask = (torch.arange(length) <= start[:, None])[:, None, None, :]
+        out = model(torch.tensor([[s[-1]] for s in seqs]), cache=[c.view(slice(0, 3), length) for c in cache],
+                    start=start, mask=mask)
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(out[i, -1], model(torch.tensor([s]))[0, -1], atol=ATOL, rtol=0)
+
+
+def test_greedy_with_cache_equals_without(model, tok):
+    engine = Engine(model, tok)
+    for text in PROMPTS:
+        ids = prompt_ids(tok, text)
+        got = engine.generate([ids], GREEDY)[0]
+        assert got.ids == naive_greedy(model, ids, GREEDY.max_new_tokens)
+        assert len(set(got.ids)) > 3  # the fixture model says something varied
+        assert got.text == tok.decode(got.ids).replace("\ufffd", "")  # stray bytes are dropped, not shown
+
+
+def test_prompt_alone_equals_prompt_in_batch(model, tok):
+    prompts = [prompt_ids(tok, t) for t in PROMPTS * 2]
+    alone = [Engine(model, tok).generate([p], GREEDY)[0] for p in prompts]
+    batched = Engine(model, tok, max_batch=3).generate(prompts, GREEDY)  # 8 prompts, 3 slots: queueing
+    assert [b.ids for b in batched] == [a.ids for a in alone]
+    assert [b.prompt_tokens for b in batched] == [len(p) for p in prompts]
+
+
+def test_slots_join_and_leave_between_steps(model, tok):
+    """The server's use: a request joins while another runs; each equals its solo run."""
+    a, b = prompt_ids(tok, PROMPTS[0]), prompt_ids(tok, PROMPTS[3])
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    engine = Engine(model, tok, max_batch=2)
+    sa = engine.add(a, params)
+    for _ in range(5):
+        engine.step()
+    sb = engine.add(b, params)
+    while engine.active():
+        engine.step()
+    assert engine.result(sa).ids == naive_greedy(model, a, 12)
+    assert engine.result(sb).ids == naive_greedy(model, b, 12)
+    engine.remove(sa)
+    assert engine.add(b, params) == sa  # the freed slot is reused
+
+
+# --------------------------------------------------------------------------- sampling
+
+def test_seed_reproducible_and_independent_of_batch(model, tok):
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=7, max_new_tokens=16)
+    p = prompt_ids(tok, PROMPTS[1])
+    alone = Engine(model, tok).generate([p], params)[0].ids
+    assert Engine(model, tok).generate([p], params)[0].ids == alone
+    batched = Engine(model, tok, max_batch=3).generate([prompt_ids(tok, PROMPTS[0]), p, p], params)
+    assert batched[1].ids == alone and batched[2].ids == alone
+    other = Engine(model, tok).generate([p], SamplingParams(temperature=1.0, seed=8, max_new_tokens=16))[0]
+    assert other.ids != alone
+
+
+def test_sampling_filters():
+    logits = torch.tensor([1.0, 5.0, 4.9, -2.0, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(20)} == {1}
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.05), gen) for _ in range(20)} == {1}
+    top2 = {sample_token(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0), gen) for _ in range(200)}
+    assert top2 == {1, 2}
+    seen = torch.tensor([False, True, False, False, False])
+    assert sample_token(logits, SamplingParams(temperature=0.0, repetition_penalty=1.5), gen, seen) == 2
+    negative = torch.tensor([-1.0, -1.1])  # a penalised negative logit moves further down
+    assert sample_token(negative, SamplingParams(temperature=0.0, repetition_penalty=1.5), gen,
+                        torch.tensor([True, False])) == 1
+
+
+def test_repetition_penalty_reduces_repeats(model, tok):
+    p = prompt_ids(tok, "x")
+    plain = Engine(model, tok).generate([p], SamplingParams(temperature=0.0, max_new_tokens=40))[0].ids
+    penalised = Engine(model, tok).generate([p], SamplingParams(temperature=0.0, max_new_tokens=40,
+                                                                repetition_penalty=3.0))[0].ids
+    assert len(set(penalised)) / len(penalised) > len(set(plain)) / len(plain)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
+                                         ("repetition_penalty", 0.0), ("stop", [""])])
+def test_bad_sampling_values_name_the_field(field, value):
+    with pytest.raises(HavocError, match=field):
+        SamplingParams(**{field: value}).validate()
+
+
+# --------------------------------------------------------------------------- stopping and limits
+
+def test_stop_token_and_stop_string(model, tok):
+    p = prompt_ids(tok, PROMPTS[0])
+    free = Engine(model, tok).generate([p], GREEDY)[0]
+    cut = free.ids[4]
+    by_id = Engine(model, tok).generate([p], SamplingParams(temperature=0.0, max_new_tokens=24, stop_ids=[cut]))[0]
+    assert by_id.ids == free.ids[: free.ids.index(cut)] and by_id.finish_reason == "stop"
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip()
+    by_text = Engine(model, tok).generate([p], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop]))[0]
+    assert by_text.text == free.text[: free.text.index(stop)] and by_text.finish_reason == "stop"
+
+
+def test_never_past_max_seq_len(model, tok):
+    max_len = model.config.max_seq_len
+    engine = Engine(model, tok)
+    p = [tok.bos_id] + tok.encode(" ".join(topics_text()))[: max_len - 4]
+    got = engine.generate([p], SamplingParams(temperature=0.0, max_new_tokens=50))[0]
+    assert len(p) + len(got.ids) <= max_len and got.finish_reason in ("length", "stop")
+    with pytest.raises(HavocError, match="max_seq_len"):
+        engine.add(p + [5, 5, 5, 5])
+    with pytest.raises(HavocError, match="empty"):
+        engine.add([])
+
+
+# --------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("text", ["emoji 😀👍🏽 family 👨‍👩‍👧 done", "中文字符和日本語のテキスト", "Ünïcödé café"])
+def test_text_stream_only_whole_characters(tok, text):
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # characters really are split across tokens
+    stream = TextStream(tok)
+    deltas = [stream.push(t) for t in ids] + [stream.finish()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    assert any(d == "" for d in deltas)  # some tokens were held back mid-character
+
+
+def test_text_stream_holds_back_a_possible_stop_string(tok):
+    ids = tok.encode("alpha beta ### gamma")
+    stream = TextStream(tok, stop=["###"])
+    deltas = [stream.push(t) for t in ids]
+    assert "".join(deltas) == "alpha beta " and stream.stopped
+    assert all("#" not in d for d in deltas)
+
+
+def test_engine_stream_matches_generate_and_can_stop_early(model, tok):
+    p = prompt_ids(tok, PROMPTS[3])
+    engine = Engine(model, tok)
+    full = engine.generate([p], GREEDY)[0]
+    assert "".join(engine.stream(p, GREEDY, slot=0)) == full.text
+    it = engine.stream(p, GREEDY, slot=0)
+    next(it)
+    it.close()  # the consumer left: the request ends, the slot and its cache stay
+    assert engine.result(0).finish_reason == "abort" and not engine.active()
+
+
+def test_prefix_reuse_prefills_only_new_tokens(model, tok):
+    engine = Engine(model, tok)
+    first = prompt_ids(tok, PROMPTS[0])
+    s = engine.add(first, GREEDY)
+    assert engine.last_prefill == len(first)
+    while engine.active():
+        engine.step()
+    reply = engine.result(s).ids
+    follow = first + reply + [tok.eos_id, tok.role_id("user"), *tok.encode("and then?")]
+    engine.add(follow, GREEDY, slot=s)
+    assert engine.last_prefill == len(follow) - len(first) - len(reply) + 1  # the last reply token was never fed
+    while engine.active():
+        engine.step()
+    assert engine.result(s).ids == naive_greedy(model, follow, GREEDY.max_new_tokens)
+
+
+# --------------------------------------------------------------------------- weights for inference
+
+@pytest.mark.parametrize("dtype,quantize,min_cos", [(torch.bfloat16, None, 0.999), (torch.bfloat16, "int8", 0.99)])
+def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos):
+    fast = prepare_model(copy.deepcopy(model), dtype, quantize)
+    assert fast.embed.weight.dtype == dtype
+    ids = prompt_ids(tok, PROMPTS[3])
+    ref, got = Engine(model, tok), Engine(fast, tok)
+    ref.add(ids, GREEDY, slot=0)
+    got.add(ids, GREEDY, slot=0)
+    for _ in range(6):  # decode steps run in the stored dtype, the prefill in fp32
+        a, b = ref._decode_step([0]), got._decode_step([0])
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > min_cos
+        for e in (ref, got):
+            e.step()
