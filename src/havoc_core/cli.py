@@ -135,6 +135,49 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"wrote {import_hf(args.hf_dir, args.out_dir)} (HAVOC checkpoint)")
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from havoc_core.corpus import builtin_documents, read_documents, report_skipped
+    from havoc_core.tokenizer import HavocTokenizer
+
+    skipped: list[str] = []
+    docs = (list(read_documents(args.files, skip_invalid=args.skip_invalid, skipped=skipped))
+            if args.files else builtin_documents())
+    report_skipped(skipped, "inputs")
+    tok = HavocTokenizer.train(docs, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    reserved = f", {tok.num_reserved:,} of them reserved (the text had no more merges)" if tok.num_reserved else ""
+    print(f"wrote {Path(args.out) / 'tokenizer.json'}: {tok.vocab_size:,} tokens, {len(docs):,} documents{reserved}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from havoc_core.tokenizer import HavocTokenizer
+
+    tok = HavocTokenizer.load(args.tokenizer)
+    if args.sft:
+        from havoc_core.corpus import builtin_conversations
+        from havoc_core.data import prepare_conversations
+
+        if len(args.inputs) > 1:
+            raise HavocError(f"--sft: expected at most one conversations JSONL file, found {len(args.inputs)}")
+        source = args.inputs[0] if args.inputs else builtin_conversations(args.seed)
+        stats = prepare_conversations(source, tok, args.max_len, args.out, skip_invalid=args.skip_invalid)
+        print(f"wrote {args.out}: {stats['conversations']:,} conversations (longest {stats['longest']} tokens, "
+              f"{stats['assistant_tokens']:,} assistant tokens), {stats['skipped']} skipped")
+        return
+    from havoc_core.corpus import builtin_documents, hf_documents
+    from havoc_core.data import prepare_pretrain
+
+    if args.hf_dataset:
+        sources: Any = hf_documents(args.hf_dataset, split=args.hf_split, text_key=args.text_key)
+    else:
+        sources = [Path(p) for p in args.inputs] if args.inputs else builtin_documents()
+    manifest = prepare_pretrain(sources, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                                skip_invalid=args.skip_invalid, text_key=args.text_key, name=args.hf_dataset or "")
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, generated from the dataclass (no hand-kept list)."""
     import dataclasses
@@ -202,6 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("import", cmd_import, "turn a Hugging Face Llama model dir (safetensors) into a HAVOC checkpoint")
     p.add_argument("hf_dir", help="directory with config.json, model.safetensors (or shards) and tokenizer.json")
     p.add_argument("out_dir", help="checkpoint directory to write")
+
+    p = add("tokenizer", cmd_tokenizer_train, "train a byte-level BPE tokenizer")
+    t = p.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "train", help="train on text/JSONL files, or the built-in Python docs when none are given")
+    t.set_defaults(handler=cmd_tokenizer_train)
+    t.add_argument("files", nargs="*", help="text files (one document each), .jsonl ({\"text\": ...} per line), dirs")
+    t.add_argument("--vocab-size", type=int, default=70000, help="total ids, special tokens included")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    t.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad files/lines instead of failing")
+
+    p = add("prepare", cmd_prepare, "tokenize documents into uint32 shards (or check and write SFT conversations)")
+    p.add_argument("inputs", nargs="*", help="text/.jsonl files or dirs; none = the built-in Python docs "
+                   "(with --sft: one conversations .jsonl; none = the built-in conversations)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer dir or tokenizer.json")
+    p.add_argument("--out", required=True, help="data directory to write (with --sft: the .jsonl file)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad inputs instead of failing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-dataset", help="a Hugging Face `datasets` name instead of files (needs `datasets`)")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--text-key", default="text", help="field holding the text in .jsonl / --hf-dataset records")
+    p.add_argument("--sft", action="store_true", help="conversations ({\"messages\": [...]}) instead of documents")
+    p.add_argument("--max-len", type=int, default=512, help="with --sft: longest conversation in tokens (never cut)")
 
     return parser
 

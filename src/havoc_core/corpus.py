@@ -7,17 +7,19 @@ same interpreter always gives the same list, plus conversations generated from i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
 import io
 import json
 import pkgutil
+import random
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -105,6 +107,12 @@ def read_documents(paths: Iterable[str | Path], skip_invalid: bool = False, text
                 skipped.append(str(item))
 
 
+def report_skipped(skipped: list[str], what: str) -> None:
+    """The ``--skip-invalid`` summary: how many were left out, and the first reason."""
+    if skipped:
+        print(f"skipped {len(skipped)} invalid {what} (first: {skipped[0]})", file=sys.stderr)
+
+
 def hf_documents(name: str, split: str = "train", text_key: str = "text") -> Iterator[str]:
     """Documents of a Hugging Face ``datasets`` dataset (optional dependency; may download)."""
     try:
@@ -112,15 +120,19 @@ def hf_documents(name: str, split: str = "train", text_key: str = "text") -> Ite
     except ImportError:
         raise HavocError("--hf-dataset needs the `datasets` package: pip install datasets") from None
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
+        records = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # network, unknown name, bad split: all end the command the same way
         raise HavocError(f"{name}: cannot load this Hugging Face dataset ({e})") from e
-    for i, record in enumerate(ds):
-        text = record.get(text_key)
-        if not isinstance(text, str):
-            raise HavocError(f"{name}[{i}].{text_key}: expected a string, found {type(text).__name__}")
-        if text.strip():
-            yield text
+
+    def texts() -> Iterator[str]:
+        for i, record in enumerate(records):
+            text = record.get(text_key)
+            if not isinstance(text, str):
+                raise HavocError(f"{name}[{i}].{text_key}: expected a string, found {type(text).__name__}")
+            if text.strip():
+                yield text
+
+    return texts()
 
 
 # --------------------------------------------------------------------------- built-in documents
@@ -134,7 +146,7 @@ SKIP_MODULES = frozenset({
 })
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DocEntry:
     """One documented thing: a pydoc topic, or a standard-library module, class, function or method."""
 
@@ -190,7 +202,7 @@ def _signature(obj: Any) -> str:
     address, mutable defaults their current state: either would make the corpus vary)."""
     try:
         sig = inspect.signature(obj)
-    except (TypeError, ValueError):
+    except Exception:  # C signatures can fail in many ways (TypeError, ValueError, AttributeError...)
         return ""
     params = []
     for p in sig.parameters.values():
@@ -201,12 +213,20 @@ def _signature(obj: Any) -> str:
     return str(sig.replace(parameters=params, return_annotation=sig.empty))
 
 
+def _defined_in(obj: Any, name: str) -> bool:
+    """Whether module ``name`` is where users find ``obj``: its own module, or the public face of
+    the C module that implements it (``_functools.reduce`` is ``functools.reduce``, posix's ``os``)."""
+    home = getattr(obj, "__module__", None)
+    return home in (name, "_" + name) or (name == "os" and home == "posix")
+
+
 def _module_entries(module: ModuleType, seen: set[int]) -> list[DocEntry]:
     name = module.__name__
     entries = [DocEntry("module", name, f"module {name}", _own_doc(module), name)]
     for attr, obj in sorted(vars(module).items()):
+        obj = vars(module).get(f"__{attr}__", obj)  # sys.excepthook & co. may be replaced (pytest does): originals
         is_callable = inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)
-        if attr.startswith("_") or not is_callable or getattr(obj, "__module__", None) != name or id(obj) in seen:
+        if attr.startswith("_") or not is_callable or not _defined_in(obj, name) or id(obj) in seen:
             continue
         seen.add(id(obj))
         kind = "class" if inspect.isclass(obj) else "function"
@@ -215,7 +235,8 @@ def _module_entries(module: ModuleType, seen: set[int]) -> list[DocEntry]:
             for mname, member in sorted(vars(obj).items()):
                 func = getattr(member, "__func__", member)  # classmethod / staticmethod
                 # C methods have no __module__; a method patched in by a third-party library has its own
-                if mname.startswith("_") or not callable(func) or getattr(func, "__module__", None) not in (None, name):
+                if mname.startswith("_") or not callable(func) or getattr(func, "__module__", None) not in (
+                        None, obj.__module__):
                     continue
                 qual = f"{name}.{attr}.{mname}"
                 entries.append(DocEntry("method", qual, f"{qual}{_signature(func)}", _own_doc(func), name))
@@ -260,3 +281,123 @@ def builtin_documents() -> list[str]:
             module_parts.setdefault(e.module, []).append(f"{e.kind} {e.title}\n{_indent(e.doc)}")
     docs += ["\n\n".join(parts) for _, parts in sorted(module_parts.items())]
     return docs
+
+
+# --------------------------------------------------------------------------- built-in conversations
+
+SYSTEM_PROMPTS = (
+    "You are HAVOC, a small assistant that answers questions about Python.",
+    "You are a helpful assistant. Answer from the Python documentation.",
+    "Answer briefly and accurately.",
+)
+GREETINGS = (
+    ("Hello!", "Hello! I am HAVOC, a small language model trained on Python's documentation. "
+               "Ask me about a Python keyword, module or function."),
+    ("Who are you?", "I am HAVOC, a small decoder-only language model. I was trained on the documentation "
+                     "that ships with Python, so I am best at questions about the language and its standard library."),
+    ("What can you do?", "I can explain Python keywords, statements, built-in types and standard-library modules, "
+                         "classes and functions, quoting their documentation."),
+    ("Thanks!", "You are welcome!"),
+    ("hi", "Hi! What would you like to know about Python?"),
+)
+QUESTIONS = {
+    "topic": ("What does the Python documentation say about {title}?", "Explain {title} in Python.",
+              "Tell me about {title}."),
+    "keyword": ("What does the `{name}` keyword do in Python?", "How is `{name}` used in Python?",
+                "Explain the Python keyword {name}."),
+    "module": ("What is the `{name}` module for?", "What does the Python module {name} provide?",
+               "Tell me about the {name} module."),
+    "class": ("What is `{name}`?", "Tell me about the class {name}.", "What is the {short} class in {module}?"),
+    "function": ("What does `{name}` do?", "How do I use {name}?", "What is {short}() in the {module} module?"),
+    "method": ("What does the method `{name}` do?", "Explain {name}.", "What does {short}() do?"),
+}
+FOLLOW_UPS = ("And what about `{name}`?", "What does `{name}` do?", "How about {name}?")
+
+
+def trim(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``, ending at a paragraph or sentence, never mid-word."""
+    out = ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        joined = f"{out}\n\n{para}" if out else para
+        if len(joined) > limit:
+            break
+        out = joined
+    if out:
+        return out
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind(".\n")) + 1 or head.rfind("\n") + 1 or head.rfind(" ")
+    return head[:end].rstrip() if end > 0 else head
+
+
+def _keyword_topics() -> list[tuple[str, str]]:
+    """``(keyword, topic label)`` pairs from pydoc's help index."""
+    import pydoc
+
+    pairs = []
+    for keyword, target in sorted(pydoc.Helper.keywords.items()):
+        while isinstance(target, str) and target in pydoc.Helper.keywords:  # "elif" -> "if"
+            target = pydoc.Helper.keywords[target]
+        if isinstance(target, str) and target in pydoc.Helper.topics:  # "and" -> "BOOLEAN"
+            target = pydoc.Helper.topics[target]
+        label = target[0] if isinstance(target, tuple) else target
+        if label:
+            pairs.append((keyword, label))
+    return pairs
+
+
+def _qa(rng: random.Random, e: DocEntry, limit: int, kind: str | None = None) -> tuple[str, str]:
+    """A question about ``e`` and its documentation as the answer."""
+    kind = kind or e.kind
+    parent, _, short = e.name.rpartition(".")
+    question = rng.choice(QUESTIONS[kind]).format(title=e.title, name=e.name, short=short, module=e.module or parent)
+    doc = trim(e.doc, limit)
+    if kind in ("class", "function", "method"):
+        return question, f"`{e.title}`\n\n{doc}"
+    return question, doc
+
+
+def builtin_conversations(seed: int = 0, answer_chars: int = 700) -> list[dict[str, Any]]:
+    """Thousands of ``{"messages": [...]}`` SFT conversations from the built-in documentation.
+
+    One per pydoc topic, keyword and documented public standard-library object (answers trimmed
+    to ``answer_chars``, so a conversation fits in 512 tokens of an 8192-token vocab); some with a
+    system prompt, some with a follow-up question about a neighbour from the same module.
+    Deterministic for a given ``seed`` and Python; shuffled.
+    """
+    rng = random.Random(seed)
+    entries = builtin_entries()
+    topics = {e.name: e for e in entries if e.kind == "topic"}
+    public = [e for e in entries if e.kind != "topic" and len(e.doc) >= 40
+              and not any(part.startswith("_") for part in e.name.split("."))]
+    items: list[tuple[DocEntry, str]] = [(e, "topic") for e in topics.values()]
+    items += [(dataclasses.replace(topics[label], name=kw), "keyword")
+              for kw, label in _keyword_topics() if label in topics]
+    items += [(e, e.kind) for e in public]
+    by_module: dict[str, list[DocEntry]] = {}
+    for e in public:
+        by_module.setdefault(e.module, []).append(e)
+
+    conversations = []
+    for e, kind in items:
+        messages = []
+        if rng.random() < 0.25:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        neighbours = [n for n in by_module.get(e.module, []) if n is not e] if kind != "keyword" else []
+        if neighbours and rng.random() < 0.2:  # multi-turn: two shorter answers
+            other = rng.choice(neighbours)
+            question, answer = _qa(rng, e, answer_chars // 2, kind)
+            _, other_answer = _qa(rng, other, answer_chars // 2)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                         {"role": "user", "content": rng.choice(FOLLOW_UPS).format(name=other.name)},
+                         {"role": "assistant", "content": other_answer}]
+        else:
+            question, answer = _qa(rng, e, answer_chars, kind)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append({"messages": messages})
+    for question, answer in GREETINGS:
+        for system in (None, *SYSTEM_PROMPTS):
+            head = [{"role": "system", "content": system}] if system else []
+            conversations.append({"messages": [*head, {"role": "user", "content": question},
+                                               {"role": "assistant", "content": answer}]})
+    rng.shuffle(conversations)
+    return conversations

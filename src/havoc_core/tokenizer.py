@@ -131,6 +131,10 @@ class HavocTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The full definition (what ``tokenizer.json`` holds); data manifests record its hash."""
+        return self._tok.to_str()
+
     def check_compatible(self, config: Any) -> None:
         """HavocError unless the model config (``HavocConfig``) agrees on vocab size and special ids."""
         pairs = [("vocab_size", self.vocab_size), ("pad_token_id", self.pad_id),
