@@ -200,6 +200,51 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=tp, default=None, help=f"(default {f.default!r})")
 
 
+def _add_generation_flags(p: argparse.ArgumentParser, sampling_help: str) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight storage (auto: bf16 on GPU and for CPU models from 50M parameters)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
+    g = p.add_argument_group(f"sampling ({sampling_help})")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-k", type=int, help="0 = off")
+    g.add_argument("--top-p", type=float, help="nucleus threshold in (0, 1]; 1 = off")
+    g.add_argument("--repetition-penalty", type=float, help="1 = off")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--seed", type=int, help="reproducible sampling")
+
+
+def _sampling(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` SamplingParams with the flags that were given."""
+    import dataclasses
+
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                           "max_new_tokens", "seed") if getattr(args, k) is not None}
+    return dataclasses.replace(base, **given).validate()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from havoc_core.chat import CHAT_DEFAULTS, run_chat
+
+    return run_chat(args.checkpoint, system=args.system, params=_sampling(args, CHAT_DEFAULTS), device=args.device,
+                    dtype=args.dtype, quantize=args.quantize, compile=args.compile, prompt=args.prompt)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from havoc_core.chat import run_generate
+    from havoc_core.generate import SamplingParams
+
+    params = _sampling(args, SamplingParams(stop=args.stop or ()))
+    return run_generate(args.checkpoint, args.prompt, params, device=args.device, dtype=args.dtype,
+                        quantize=args.quantize)
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from havoc_core.chat import run_smoke
+
+    return run_smoke(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl / --hf-dataset records")
     p.add_argument("--sft", action="store_true", help="conversations ({\"messages\": [...]}) instead of documents")
     p.add_argument("--max-len", type=int, default=512, help="with --sft: longest conversation in tokens (never cut)")
+
+    p = add("chat", cmd_chat, "chat with a checkpoint in the terminal (streams replies, keeps history)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
+                   "checkpoints/havoc_phase1_sft)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one message on stdout and exit")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    _add_generation_flags(p, "defaults: temperature 0.7, top-p 0.9, repetition penalty 1.1, 256 tokens")
+
+    p = add("generate", cmd_generate, "raw text completion of a prompt (no chat format)")
+    p.add_argument("checkpoint", help="checkpoint or run dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    _add_generation_flags(p, "defaults: temperature 0.7, top-p 0.9, 256 tokens")
+
+    p = add("smoke", cmd_smoke, "load a checkpoint, answer three fixed prompts, print tokens/s; "
+            "non-zero exit on failure")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
+                   "checkpoints/havoc_phase1_sft)")
+    _add_generation_flags(p, "greedy")
 
     return parser
 

@@ -417,6 +417,8 @@ class Engine:
         return Event(i, token, text, reason)
 
     def _sample(self, s: _Slot, logits: Tensor) -> int:
+        if torch.isnan(logits).any():
+            raise HavocError("the model produced NaN logits: its weights are broken (diverged training or a bad file)")
         token = sample_token(logits, s.params, s.generator, s.seen)
         if s.seen is not None:
             s.seen[token] = True
