@@ -17,6 +17,7 @@ from havoc_core.corpus import (
     builtin_conversations,
     builtin_documents,
     builtin_entries,
+    hf_documents,
     read_documents,
     trim,
 )
@@ -133,6 +134,22 @@ def test_skip_invalid_counts_and_keeps_the_rest(tmp_path):
     docs = list(read_documents([tmp_path], skip_invalid=True, skipped=skipped))
     assert docs == ["one", "two", "three"]
     assert len(skipped) == 3 and "a.jsonl:2" in skipped[0] and "a.jsonl:3" in skipped[1] and "b.txt:1" in skipped[2]
+
+
+def test_skip_invalid_without_a_list_still_reports(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n[]\n')
+    assert list(read_documents([tmp_path], skip_invalid=True)) == ["one"]
+    assert "skipped 1 invalid inputs (first: " in capsys.readouterr().err
+
+
+def test_hf_dataset_without_datasets_is_a_clear_error():
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("datasets is installed")
+    except ImportError:
+        pass
+    with pytest.raises(HavocError, match="--hf-dataset needs the `datasets` package"):
+        hf_documents("wikitext")
 
 
 def test_missing_path_is_an_error(tmp_path):

@@ -59,6 +59,16 @@ def test_small_corpus_fills_missing_ids_with_reserved_tokens():
         HavocTokenizer.train(["x"], vocab_size=100, show_progress=False)
 
 
+def test_train_files_reads_text_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox " * 50)
+    (tmp_path / "b.jsonl").write_text('{"text": "jumps over the lazy dog"}\n')
+    small = HavocTokenizer.train_files([tmp_path], vocab_size=300, show_progress=False)
+    assert small.vocab_size == 300 and len(small.encode("the quick brown fox")) < len("the quick brown fox")
+    (tmp_path / "c.txt").write_bytes(b"\xff")
+    with pytest.raises(HavocError, match="c.txt:1: not UTF-8"):
+        HavocTokenizer.train_files([tmp_path], vocab_size=300, show_progress=False)
+
+
 @pytest.mark.parametrize("text", TRICKY)
 def test_round_trip_tricky_text(tok, text):
     ids = tok.encode(text)
@@ -171,6 +181,8 @@ def test_hf_apply_chat_template_gives_identical_ids(tok, tmp_path, messages, add
     ours, _ = _check_rendering(tok, messages, add_generation_prompt)
     assert list(hf_ids) == ours
     assert hf.decode(hf_ids, skip_special_tokens=True) == "".join(m["content"] for m in messages)
+    with pytest.raises(Exception, match="unknown role tool"):
+        hf.apply_chat_template([*messages, {"role": "tool", "content": "x"}], tokenize=True)
 
 
 def test_default_70k_tokenizer_on_builtin_corpus_fits_havoc_2b(tmp_path):

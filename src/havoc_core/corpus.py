@@ -83,8 +83,10 @@ def _texts(path: Path, text_key: str) -> Iterator[str | HavocError]:
         return
     for where, record in iter_jsonl(path):
         text = record.get(text_key) if isinstance(record, dict) else None
-        if isinstance(record, HavocError) or (isinstance(text, str) and text.strip()):
-            yield record if isinstance(record, HavocError) else text
+        if isinstance(record, HavocError):
+            yield record
+        elif isinstance(text, str) and text.strip():
+            yield text
         else:
             found = repr(text)[:40] if isinstance(record, dict) else type(record).__name__
             yield HavocError(f"{where}: expected an object with a non-empty string {text_key!r}, found {found}")
@@ -95,16 +97,21 @@ def read_documents(paths: Iterable[str | Path], skip_invalid: bool = False, text
     """Documents from text files (one per file) and ``.jsonl`` files (one ``{"text": ...}`` per line).
 
     Bad input (not UTF-8, empty, not JSON, no text) raises ``HavocError`` naming file and line, or
-    with ``skip_invalid`` is left out and its message appended to ``skipped``.
+    with ``skip_invalid`` is left out, its message appended to ``skipped`` (or, without that list,
+    counted in one line on stderr at the end).
     """
+    report = skipped is None
+    skipped = [] if skipped is None else skipped
     for path in expand_paths(paths):
         for item in _texts(path, text_key):
             if isinstance(item, str):
                 yield item
             elif not skip_invalid:
                 raise item
-            elif skipped is not None:
+            else:
                 skipped.append(str(item))
+    if report:
+        report_skipped(skipped, "inputs")
 
 
 def report_skipped(skipped: list[str], what: str) -> None:
