@@ -293,7 +293,7 @@ class Trainer:
                 raise HavocError(f"{start}: cannot resume with a changed model config ({'; '.join(diff)})")
             resume_state = json.loads((start / TRAINER_STATE_FILE).read_text())
             self.step, self.tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        elif Path(cfg.init).exists():
+        elif Path(cfg.init).is_dir():
             model = load_model(cfg.init, device=device)
         else:
             torch.manual_seed(cfg.seed)
@@ -302,7 +302,7 @@ class Trainer:
         self.model_config = model.config
 
         # ---- tokenizer
-        tok_source = cfg.tokenizer or (str(find_checkpoint(cfg.init)) if Path(cfg.init).exists() else "") or (
+        tok_source = cfg.tokenizer or (str(find_checkpoint(cfg.init)) if Path(cfg.init).is_dir() else "") or (
             cfg.data if cfg.phase == "pretrain" else "")
         if not tok_source:
             raise HavocError("train config: tokenizer: expected a tokenizer dir or file (none in init/data)")
@@ -358,10 +358,14 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def _init_config(self, init: str) -> HavocConfig:
-        if Path(init).exists():
+        """The model config to start from: a checkpoint's, a config.json's, or a preset's (whose
+        vocab_size follows the tokenizer, said out loud)."""
+        if Path(init).is_dir():
             from havoc_core.checkpoint import load_config
 
             return load_config(init)
+        if Path(init).is_file():
+            return HavocConfig.load(init)
         cfg = get_preset(init)
         if self.cfg.tokenizer or self.cfg.data:
             from havoc_core.tokenizer import HavocTokenizer
@@ -385,9 +389,12 @@ class Trainer:
             examples = load_conversations(builtin_conversations(), self.tokenizer, max_len,
                                           skip_invalid=self.cfg.skip_invalid)
         order = np.random.default_rng(self.cfg.seed).permutation(len(examples))
-        n_val = min(len(examples) // 10, max(1, self.cfg.eval_batches * self.cfg.batch_size))
+        n_val = min(len(examples) // 10, self.cfg.eval_batches * self.cfg.batch_size)
         val = [examples[i] for i in order[:n_val]]
-        train = [examples[i] for i in order[n_val:]] or val
+        train = [examples[i] for i in order[n_val:]]
+        if not val:
+            self.log(f"sft: only {len(examples)} conversations; validating on the training set")
+            val = train
         return SFTBatches(train, self.tokenizer.pad_id, self.cfg.seed), SFTBatches(val, self.tokenizer.pad_id, 0)
 
     def _batch(self, data: Any, step: int, micro: int, rows_per_rank: int) -> tuple[Tensor, Tensor]:
