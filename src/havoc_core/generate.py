@@ -346,6 +346,19 @@ class Engine:
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is not None and s.active]
 
+    def free_slot(self, prompt: Sequence[int]) -> int | None:
+        """The idle slot whose cache holds the longest prefix of ``prompt`` (the lowest such slot,
+        empty ones count as 0), or None if every slot is generating: a server's pick for ``add``,
+        so a conversation's next turn lands where its earlier turns are cached."""
+        best, best_len = None, -1
+        for i, s in enumerate(self.slots):
+            if s is not None and s.active:
+                continue
+            n = _common_prefix(s.tokens, prompt, limit=len(prompt)) if s is not None else 0
+            if n > best_len:
+                best, best_len = i, n
+        return best
+
     def finish(self, slot: int) -> None:
         """Stop a request early (client gone, Ctrl-C); its slot and cache stay for reuse."""
         s = self.slots[slot]
