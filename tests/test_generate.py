@@ -250,3 +250,11 @@ def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos):
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > min_cos
         for e in (ref, got):
             e.step()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(model, tok):
+    prompts = [prompt_ids(tok, t) for t in PROMPTS]
+    eager = Engine(model, tok, max_batch=2).generate(prompts, GREEDY)
+    compiled = Engine(model, tok, max_batch=2, compile=True).generate(prompts, GREEDY)
+    assert [c.ids for c in compiled] == [e.ids for e in eager]

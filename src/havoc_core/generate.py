@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] = ()  # besides the model's eos, which always stops
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (stop strings still apply)
 
     def validate(self) -> SamplingParams:
         """HavocError naming the first value out of range; returns self for chaining."""
@@ -159,14 +161,16 @@ class InferenceLinear(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dtype = dtype or weight.dtype
-        self.scale: Tensor | None = None
+        scale = None
         if quantize == "int8":
             w = weight.detach().float()
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.scale = scale.to(dtype)
-        self.weight = weight.detach() if quantize else weight.detach().to(dtype)
-        self.bias = None if bias is None else bias.detach().to(dtype)
+            scale = scale.to(dtype)
+        # buffers, so that model.to(device) moves them
+        self.register_buffer("weight", weight.detach() if quantize else weight.detach().to(dtype))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
@@ -201,7 +205,7 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
         if isinstance(module, nn.RMSNorm):
             module.__class__ = _CastRMSNorm
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) or (isinstance(child, InferenceLinear) and child.scale is None):
                 setattr(module, name, InferenceLinear(child.weight, child.bias, quantize, dtype))
     if model.lm_head is None and quantize:  # the tied output matrix is read every step: quantise a copy
         model.lm_head = InferenceLinear(model.embed.weight, None, quantize, dtype)
@@ -282,6 +286,9 @@ class Engine:
         self.stop_ids = {cfg.eos_token_id}
         self.last_prefill = 0  # tokens the latest add() ran through the model
         self._decode = torch.compile(model, dynamic=True) if compile else model
+        # oneDNN's bf16 matrix-vector product runs at half the memory bandwidth of ATen's on CPUs
+        # without native bf16 (docs/LOG.md); for several rows oneDNN is the faster one
+        self._single_row_no_onednn = self.device.type == "cpu" and model.embed.weight.dtype != torch.float32
 
     # ------------------------------------------------------------------ requests
 
@@ -415,7 +422,7 @@ class Engine:
     def _report(self, i: int, s: _Slot) -> Event:
         token = s.pending
         stream = s.stream
-        if token in self.stop_ids or token in s.params.stop_ids:
+        if not s.params.ignore_eos and (token in self.stop_ids or token in s.params.stop_ids):
             return self._end(i, s, token, stream.finish() if stream else "", "stop")
         s.generated.append(token)
         text = stream.push(token) if stream else ""
@@ -452,16 +459,29 @@ class Engine:
         pending = [s.pending if s is not None and i in running else 0 for i, s in enumerate(self.slots[:hi])]
         pos = [len(s.tokens) if s is not None else 0 for s in self.slots[:hi]]
         idx = torch.tensor(pending, device=self.device)[:, None]
+        with _onednn(not (self._single_row_no_onednn and hi == 1)):
+            logits = self._forward_rows(idx, pos, hi)
+        return logits[:, -1].float().cpu()
+
+    def _forward_rows(self, idx: Tensor, pos: list[int], hi: int) -> Tensor:
         if hi == 1:
             cache = [c.view(slice(0, 1), pos[0] + 1) for c in self.cache]
-            logits = self._decode(idx, cache=cache, start=pos[0])
-        else:
-            length = max(pos) + 1
-            start = torch.tensor(pos, device=self.device)
-            mask = (torch.arange(length, device=self.device) <= start[:, None])[:, None, None, :]
-            cache = [c.view(slice(0, hi), length) for c in self.cache]
-            logits = self._decode(idx, cache=cache, start=start, mask=mask)
-        return logits[:, -1].float().cpu()
+            return self._decode(idx, cache=cache, start=pos[0])
+        length = max(pos) + 1
+        start = torch.tensor(pos, device=self.device)
+        mask = (torch.arange(length, device=self.device) <= start[:, None])[:, None, None, :]
+        cache = [c.view(slice(0, hi), length) for c in self.cache]
+        return self._decode(idx, cache=cache, start=start, mask=mask)
+
+
+@contextmanager
+def _onednn(enabled: bool) -> Iterator[None]:
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = old
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
