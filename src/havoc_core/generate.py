@@ -103,7 +103,11 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    # inverse CDF: one uniform draw (torch.multinomial draws V exponentials: ~7x slower per row at V=8192,
+    # a large share of a batched decode step on CPU)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand((), generator=generator, device=cdf.device) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1))
 
 
 # --------------------------------------------------------------------------- detokenising
