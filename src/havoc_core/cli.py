@@ -245,6 +245,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return run_smoke(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from havoc_core.serve import serve
+
+    api_key = args.api_key or os.environ.get("HAVOC_API_KEY")
+    return serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
+                 max_batch=args.max_batch, device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
                    "checkpoints/havoc_phase1_sft)")
     _add_generation_flags(p, "greedy")
+
+    p = add("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching) "
+            "with a web chat page at /")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
+                   "checkpoints/havoc_phase1_sft)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (the address is printed)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $HAVOC_API_KEY)")
+    p.add_argument("--model-name", help="model id clients send (default: run/checkpoint_step_N)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together; more wait in line")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight storage (auto: bf16 on GPU and for CPU models from 50M parameters)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
 
     return parser
 
