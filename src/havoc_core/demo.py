@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from havoc_core.checkpoint import list_checkpoints
+from havoc_core.train import TrainConfig, run_training
 
 DEMO_QUESTIONS = [
     "What does the len function do?",
@@ -50,12 +51,20 @@ def _finished(run_dir: str, steps: int) -> bool:
     return bool(ckpts) and ckpts[-1].name == f"checkpoint_step_{steps}"
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a training stage: its checkpoint is saved; the next run resumes it."""
+
+
+def _train(cfg: TrainConfig) -> None:
+    if run_training(cfg, resume=True).get("interrupted"):
+        raise Interrupted
+
+
 def build(plan: DemoPlan) -> Path:
     """Run (or reuse) every stage; return the SFT checkpoint dir."""
     from havoc_core.corpus import builtin_documents
     from havoc_core.data import prepare_pretrain
     from havoc_core.tokenizer import HavocTokenizer
-    from havoc_core.train import TrainConfig, run_training
 
     data = Path(plan.data_dir)
     tok_dir, shards = data / "tokenizer", data / "pretrain"
@@ -76,24 +85,28 @@ def build(plan: DemoPlan) -> Path:
         prepare_pretrain(docs if docs is not None else builtin_documents(), tok, shards)
     if not _finished(plan.pretrain_dir, plan.pretrain_steps):
         _stage(f"pretraining {plan.preset} for {plan.pretrain_steps} steps")
-        run_training(TrainConfig(
+        _train(TrainConfig(
             phase="pretrain", init=plan.preset, data=str(shards), tokenizer=str(tok_dir), out_dir=plan.pretrain_dir,
             max_steps=plan.pretrain_steps, batch_size=plan.pretrain_batch, seq_len=plan.pretrain_seq_len,
             lr=plan.lr, warmup_steps=max(1, plan.pretrain_steps // 20), eval_every=plan.eval_every,
-            save_every=plan.eval_every, eval_batches=4), resume=True)
+            save_every=plan.eval_every, eval_batches=4))
     if not _finished(plan.sft_dir, plan.sft_steps):
         _stage(f"supervised fine-tuning on generated conversations for {plan.sft_steps} steps")
-        run_training(TrainConfig(
+        _train(TrainConfig(
             phase="sft", init=plan.pretrain_dir, out_dir=plan.sft_dir, max_steps=plan.sft_steps,
             batch_size=plan.sft_batch, lr=plan.sft_lr, warmup_steps=max(1, plan.sft_steps // 20),
-            eval_every=plan.eval_every, save_every=plan.eval_every, eval_batches=4, skip_invalid=True), resume=True)
+            eval_every=plan.eval_every, save_every=plan.eval_every, eval_batches=4, skip_invalid=True))
     return list_checkpoints(plan.sft_dir)[-1]
 
 
 def run_demo(plan: DemoPlan | None = None, interactive: bool | None = None) -> int:
     plan = plan or DemoPlan()
     t0 = time.perf_counter()
-    ckpt = build(plan)
+    try:
+        ckpt = build(plan)
+    except Interrupted:
+        print("demo interrupted; run it again to resume where it stopped", file=sys.stderr)
+        return 130
     print(f"\ndemo model ready: {ckpt} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     from havoc_core.chat import answer_questions, run_chat
 

@@ -345,7 +345,6 @@ class Trainer:
             self._load_optimizer(start)
             _set_rng_state(resume_state["rng"])
             self.log(f"resumed {start} at step {self.step}")
-        self.flops_per_token = self.model_config.flops_per_token(seq_len)
         self.peak = peak_flops(device)
         self.seq_len = seq_len
         self._stop = False
@@ -512,7 +511,7 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     raise HavocError(f"step {self.step}: loss is {loss_value}; lower lr (now {lr:.3g}) or check data")
                 tok_s = (x.numel() * cfg.grad_accum * self.dist.world) / dt
-                mfu = self.flops_per_token * tok_s / (self.peak * self.dist.world)
+                mfu = self.model_config.flops_per_token(x.shape[1]) * tok_s / (self.peak * self.dist.world)
                 last = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
                         "grad_norm": round(float(grad_norm), 4), "tokens_seen": self.tokens_seen,
                         "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
