@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -276,6 +277,38 @@ def test_client_disconnect_frees_the_slot(server):
         next(r.iter_lines())  # the stream has started; now hang up
     h = wait_idle(server)
     assert h["running"] == 0 and h["requests"]["aborted"] == before + 1
+
+
+def test_non_streaming_client_disconnect_stops_its_request(server):
+    """A client that hangs up while its (non-streamed) request is decoding frees the slot."""
+    before = health(server)["requests"]
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": CONTEXT - 40}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 30
+        while health(server)["running"] == 0:  # hang up only once it is decoding
+            assert time.monotonic() < deadline, "the request never started"
+    h = wait_idle(server)
+    assert h["requests"]["aborted"] == before["aborted"] + 1 and h["requests"]["completed"] == before["completed"]
+
+
+def test_more_requests_than_slots_wait_their_turn(loaded, client):
+    model, tok = loaded
+    asks = [dict(model=MODEL, messages=[{"role": "user", "content": f"Question {i}"}], temperature=1.0, seed=i,
+                 max_tokens=5 + 3 * i) for i in range(6)]
+    expected = [client.chat.completions.create(**a).choices[0].message.content for a in asks]
+
+    async def run(url: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+            done = await asyncio.gather(*(c.chat.completions.create(**a) for a in asks))
+        return [d.choices[0].message.content for d in done]
+
+    with Server(create_app(model, tok, model_name=MODEL, max_batch=2)) as s:
+        assert asyncio.run(run(s.url)) == expected
+        h = health(s)
+        assert h["requests"]["completed"] == 6 and h["batch_peak"] <= 2 and h["slots"] == 2
 
 
 # --------------------------------------------------------------------------- bad input

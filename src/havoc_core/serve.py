@@ -111,6 +111,9 @@ class EngineLoop:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stats(self) -> dict[str, Any]:
         return {"slots": len(self.engine.slots), "running": len(self._running),
                 "waiting": len(self._waiting) + self._inbox.qsize(), "batch_peak": self.batch_peak,
@@ -118,6 +121,8 @@ class EngineLoop:
 
     async def generate(self, ids: list[int], params: SamplingParams) -> AsyncIterator[str | Done]:
         """Text deltas, then ``Done``. Leaving early (client gone) stops the request."""
+        if not self.alive():
+            raise ApiError(503, "the server is shutting down", kind="server_error")
         request = _Request(ids, params, asyncio.get_running_loop())
         self._inbox.put(request)
         try:
@@ -134,19 +139,22 @@ class EngineLoop:
     # ------------------------------------------------------------------ engine thread only
 
     def _loop(self) -> None:
-        while self._take(block=not self._running and not self._waiting):
-            for slot, request in list(self._running.items()):
-                if request.cancelled:
-                    self.engine.finish(slot)
-                    del self._running[slot]
-                    self.counts["aborted"] += 1
-            self._admit()
-            if self._running:
-                self._step()
+        try:
+            while self._take(block=not self._running and not self._waiting):
+                for slot, request in list(self._running.items()):
+                    if request.cancelled:
+                        self.engine.finish(slot)
+                        del self._running[slot]
+                        self.counts["aborted"] += 1
+                self._admit()
+                if self._running:
+                    self._step()
+                self._flush()
+        finally:  # closing (or a bug here): nobody may wait forever
+            self._take(block=False)
+            for request in [*self._running.values(), *self._waiting]:
+                self._send(request, ApiError(503, "the server is shutting down", kind="server_error"))
             self._flush()
-        for request in [*self._running.values(), *self._waiting]:
-            self._send(request, ApiError(503, "the server is shutting down", kind="server_error"))
-        self._flush()
 
     def _send(self, request: _Request, item: str | Done | ApiError) -> None:
         self._outbox.append((request, item))
@@ -445,8 +453,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
         return model_card()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "context": context, **runner.stats()}
+    async def health() -> JSONResponse:
+        ok = runner.alive()
+        body = {"status": "ok" if ok else "stopped", "model": model_name, "context": context, **runner.stats()}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
