@@ -450,6 +450,13 @@ def test_chat_page_is_self_contained(server):
     assert "innerHTML" not in httpx.get(server.url + "/static/app.js", timeout=10).text
 
 
+def test_listening_socket_lets_asyncio_turn_nagle_off():
+    """asyncio sets TCP_NODELAY only on connections whose proto is IPPROTO_TCP; without it every
+    keep-alive response waited ~40 ms for a delayed ACK (measured: /health 44 ms -> 0.8 ms)."""
+    with listen("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+
+
 def test_cli_serve_on_a_free_port(checkpoint):
     env = {**os.environ, "HAVOC_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "havoc_core.cli", "serve", str(checkpoint), "--port", "0",

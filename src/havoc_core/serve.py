@@ -583,12 +583,18 @@ def is_loopback(host: str) -> bool:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: any free one), so the printed address is the real one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A listening socket (port 0: any free one), so the printed address is the real one. Its proto
+    is IPPROTO_TCP, not 0 (``socket.create_server``): asyncio turns Nagle's algorithm off only for
+    such connections, and with it on every keep-alive response waits ~40 ms for a delayed ACK."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
+        sock.close()
         raise HavocError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
 
 
 def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
