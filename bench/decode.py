@@ -5,7 +5,8 @@ For each preset (random weights, seeded; transformers' ``LlamaForCausalLM`` come
 - decode tokens/s at batch 1 and 8 (32-token prompts; greedy; eos ignored). Each side's decode rate
   is (tokens of an N-token run - tokens of a 1-token run) / (time difference), so the prefill and
   the first token cancel out; best of ``--repeat``;
-- prefill time of a 512-token prompt (HAVOC computes it in fp32 on CPU, whatever the storage dtype);
+- prefill time of a 512-token prompt (HAVOC computes it in bf16 where the CPU has native bf16,
+  else in fp32 whatever the storage dtype);
 - the memory-bandwidth bound: bytes of all weights but the input embedding, read once per token,
   over the bandwidth of a large fp32 ``F.linear`` matrix-vector product measured here and now;
 - with ``--int8``: the same for int8 weight-only quantisation (HAVOC only);
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from havoc_core import HavocModel, get_preset
-from havoc_core.generate import Engine, SamplingParams, prepare_model
+from havoc_core.generate import Engine, SamplingParams, cpu_has_native_bf16, default_prefill_dtype, prepare_model
 from havoc_core.hf import to_llama
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -140,6 +141,36 @@ def startup(model: HavocModel, preset: str, dtype: str) -> dict:
     return {"havoc_s": havoc, "hf_s": hf, "ratio": hf / havoc}
 
 
+def val_losses(checkpoint: str, data: str, windows: int = 8, seq_len: int = 256) -> dict[str, dict[str, float]]:
+    """Validation loss of a trained checkpoint with fp32, bf16 and int8 weights on the same
+    sequential windows of a prepared val split, two ways: one forward pass per window (the prefill
+    path) and token by token through the KV cache (the decode path: bf16 activations for bf16,
+    fbgemm's int8 kernel with 8-bit activations for int8)."""
+    import copy
+
+    import numpy as np
+
+    from havoc_core.checkpoint import load_model
+    from havoc_core.data import open_split
+
+    stream = np.concatenate([np.asarray(s) for s in open_split(data, "val")]).astype(np.int64)
+    n = min(windows, (len(stream) - 1) // seq_len)
+    tokens = torch.from_numpy(stream[: n * seq_len + 1])
+    x, y = tokens[:-1].view(n, seq_len), tokens[1:].view(n, seq_len)
+    reference = load_model(checkpoint)
+    models = {"float32": reference, "bfloat16": prepare_model(copy.deepcopy(reference), torch.bfloat16),
+              "int8": prepare_model(copy.deepcopy(reference), torch.float32, "int8")}
+    out = {}
+    with torch.inference_mode():
+        for name, m in models.items():
+            prefill = float(m(x, y, compute_dtype=torch.float32))
+            cache = m.make_cache(n, seq_len)
+            logits = torch.cat([m(x[:, t : t + 1], cache=cache, start=t) for t in range(seq_len)], dim=1)
+            decode = float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+            out[name] = {"prefill_path": prefill, "decode_path": decode}
+    return out
+
+
 def build(preset: str, dtype: torch.dtype) -> HavocModel:
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # havoc-2b is built directly in bf16 (4 GB, not 8 GB of fp32)
@@ -151,7 +182,7 @@ def build(preset: str, dtype: torch.dtype) -> HavocModel:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["havoc-tiny", "havoc-small"])
+    ap.add_argument("--presets", nargs="*", default=["havoc-tiny", "havoc-small"])
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     ap.add_argument("--tokens", type=int, default=32, help="decoded tokens per row per timed run")
     ap.add_argument("--repeat", type=int, default=3)
@@ -159,13 +190,22 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also HAVOC with int8 weights")
     ap.add_argument("--startup", action="store_true", help="also time process start -> You: prompt")
     ap.add_argument("--compile", action="store_true", help="also HAVOC with a torch.compile'd decode step")
+    ap.add_argument("--val", nargs=2, metavar=("CHECKPOINT", "DATA_DIR"),
+                    help="also report the validation-loss change of bf16 and int8 weights on a trained checkpoint")
     ap.add_argument("--hf-prefill-repeat", type=int, default=1, help="HF bf16 prefill of 2B takes ~90 s")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     bandwidth = gemv_bandwidth()
-    print(f"fp32 F.linear matrix-vector bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)", flush=True)
+    print(f"fp32 F.linear matrix-vector bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
+          f"native bf16: {cpu_has_native_bf16()}", flush=True)
     results = {"bandwidth_gb_s": bandwidth, "threads": args.threads, "dtype": args.dtype, "presets": {}}
+    if args.val:
+        results["val_loss"] = losses = val_losses(*args.val)
+        for path in ("prefill_path", "decode_path"):
+            ref = losses["float32"][path]
+            print(f"val loss, {path.replace('_', ' ')}: " + ", ".join(
+                f"{k} {v[path]:.4f} ({v[path] - ref:+.4f})" for k, v in losses.items()), flush=True)
     for preset in args.presets:
         model = build(preset, dtype)
         hf = to_llama(model)  # shares the weight tensors
@@ -197,14 +237,17 @@ def main() -> None:
         ours = havoc_prefill(model, long_ids, args.repeat)
         theirs = min(hf_run(hf, long_ids, 1) for _ in range(args.hf_prefill_repeat))
         row["prefill_512"] = {"havoc_s": ours, "hf_s": theirs, "ratio": theirs / ours}
-        print(f"{preset} prefill {long_ids.shape[1]}: HAVOC {ours:.2f} s (fp32 compute), transformers {theirs:.2f} s "
+        row["prefill_512"]["havoc_compute_dtype"] = str(default_prefill_dtype(model)).replace("torch.", "")
+        print(f"{preset} prefill {long_ids.shape[1]}: HAVOC {ours:.2f} s ({row['prefill_512']['havoc_compute_dtype']} "
+              f"compute), transformers {theirs:.2f} s "
               f"({args.dtype}), {theirs / ours:.1f}x faster", flush=True)
         if args.startup and preset != "havoc-2b":
             row["startup"] = startup(model, preset, args.dtype)
             s = row["startup"]
             print(f"{preset} start -> You: HAVOC {s['havoc_s']:.2f} s, transformers load {s['hf_s']:.2f} s", flush=True)
         if args.int8:
-            prepare_model(model, quantize="int8")  # replaces the matrices (and a copy of the tied head) by int8
+            # int8 matrices (and an int8 copy of the tied head); fp32 activations, as the CPU kernel takes
+            prepare_model(model, torch.float32, "int8")
             ids = prompts(1, PROMPT_LEN, vocab)
             rate = decode_rates({"int8": partial(havoc_run, model)}, ids, args.tokens, args.repeat)["int8"]
             bound8 = bandwidth * 1e9 / weight_bytes(model)

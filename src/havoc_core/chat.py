@@ -58,12 +58,15 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, n_params: int, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | None = None) -> torch.dtype:
     """``auto``: bf16 on GPUs; on CPU bf16 from ~50M parameters (decode reads half the bytes),
-    fp32 below (small models are bound by per-op overhead, not memory)."""
+    fp32 below (small models are bound by per-op overhead, not memory) and next to int8 matrices
+    (the CPU int8 kernel takes fp32 activations)."""
     if dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.bfloat16 if device != "cpu" or n_params >= 50_000_000 else torch.float32
+    if device == "cpu":
+        return torch.bfloat16 if n_params >= 50_000_000 and not quantize else torch.float32
+    return torch.bfloat16
 
 
 @dataclass
@@ -84,7 +87,7 @@ def load(checkpoint: str | Path | None, *, device: str = "auto", dtype: str = "a
     path = resolve_checkpoint(checkpoint)
     n_params = load_config(path).num_parameters()
     device = pick_device(device)
-    model, tok = load_for_inference(path, device=device, dtype=pick_dtype(dtype, n_params, device),
+    model, tok = load_for_inference(path, device=device, dtype=pick_dtype(dtype, n_params, device, quantize),
                                     quantize=quantize)
     return Loaded(model, tok, path, n_params, time.perf_counter() - t0)
 

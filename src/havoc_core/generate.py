@@ -19,13 +19,15 @@ a stop string. ``generate`` (many prompts -> completions, queueing beyond ``max_
 ``stream`` (text deltas of one request) drive the engine themselves; a server calls
 ``add``/``step``/``remove`` from one thread.
 
-On CPU, weights can be stored in bf16 or int8 (``prepare_model``) while the prefill computes in
-fp32 (bf16 matmuls are slow without native bf16 units) and a decode step reads each weight once.
+Weights can be stored in bf16 or int8 (``prepare_model``); each phase picks its compute dtype:
+the compute-bound prefill runs fp32 on CPUs without native bf16 (where bf16 matmuls are many
+times slower), the memory-bound decode step reads each stored weight once.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -158,8 +160,13 @@ def _partial_stop(text: str, stops: Sequence[str]) -> int:
 
 class InferenceLinear(nn.Module):
     """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, or int8 with one
-    scale per output row (weight-only quantisation). It computes in the activations' dtype: an fp32
-    prefill upcasts (dequantises) the weight on the fly, a decode step reads the stored bytes once."""
+    scale per output row. It computes in the activations' dtype: a prefill upcasts (dequantises)
+    the weight on the fly, a decode step reads the stored bytes once. On CPU an int8 decode step
+    runs fbgemm's int8 kernel, which also rounds the step's activations to 8 bits (per tensor,
+    on the fly): integer dot products are what make int8 faster than bf16 on a CPU without
+    native bf16 (docs/LOG.md); the prefill stays weight-only."""
+
+    DECODE_ROWS = 16  # up to this many rows (a decode step of a batch) take the int8 kernel
 
     def __init__(self, weight: Tensor, bias: Tensor | None, quantize: Quantize | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -170,21 +177,34 @@ class InferenceLinear(nn.Module):
             w = weight.detach().float()
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            scale = scale.to(dtype)
         # buffers, so that model.to(device) moves them
         self.register_buffer("weight", weight.detach() if quantize else weight.detach().to(dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self._packed: Any = None  # fbgemm's layout of the int8 weight, made on first CPU use
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:  # int8 kernel: reads 1 byte per weight
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
-            y = y.view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        if x.device.type == "cpu" and x.numel() <= self.DECODE_ROWS * x.shape[-1] and self._pack():
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._packed, True)
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _pack(self) -> bool:
+        """Pack the int8 weight for the CPU kernel once; False where no quantized engine exists."""
+        if self._packed is None:
+            try:
+                zeros = torch.zeros(self.weight.shape[0], dtype=torch.long)
+                with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels not (yet)
+                    warnings.simplefilter("ignore", UserWarning)
+                    q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zeros, 0)
+                bias = None if self.bias is None else self.bias.float()
+                self._packed = torch.ops.quantized.linear_prepack(q, bias)
+            except (RuntimeError, NotImplementedError):
+                self._packed = False
+        return self._packed is not False
 
 
 class _CastRMSNorm(nn.RMSNorm):
@@ -202,8 +222,6 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
     dtype = dtype or model.embed.weight.dtype
     if quantize not in (None, "int8"):
         raise HavocError(f"quantize: expected int8 or nothing, found {quantize!r}")
-    if quantize == "int8" and dtype == torch.float32:
-        dtype = torch.bfloat16  # the int8 kernel takes bf16 activations
     model.eval().requires_grad_(False).to(dtype)
     for module in list(model.modules()):
         if isinstance(module, nn.RMSNorm):
@@ -217,9 +235,19 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
 
 
 def default_prefill_dtype(model: HavocModel) -> torch.dtype:
-    """fp32 on CPU (no native bf16 matmuls), the weights' own dtype on accelerators."""
+    """The prefill is compute-bound: the weights' own dtype on accelerators and on CPUs with native
+    bf16 (AVX512-BF16/AMX), fp32 on other CPUs, where bf16 matmuls are many times slower than fp32."""
     w = model.embed.weight
-    return torch.float32 if w.device.type == "cpu" else w.dtype
+    if w.device.type != "cpu" or w.dtype == torch.float32:
+        return w.dtype
+    return torch.bfloat16 if w.dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
