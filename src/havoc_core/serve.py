@@ -371,7 +371,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
         message = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:  # async: no threadpool hop per request
         if api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
