@@ -185,6 +185,8 @@ class InferenceLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
+            if self.weight.dtype == x.dtype:  # the decode step: no conversion
+                return F.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x.device.type == "cpu" and x.numel() <= self.DECODE_ROWS * x.shape[-1] and self._pack():
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._packed, True)
