@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV := .venv/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test bench install clean
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -20,8 +20,11 @@ test: $(VENV)
 	.venv/bin/ruff check src tests bench chat_havoc.py
 	$(PY) -m pytest -q
 
-bench: $(VENV)
-	$(PY) bench/run_all.py
+bench: $(VENV)  # each prints HAVOC vs transformers on the same shapes, as ratios
+	$(PY) bench/train_throughput.py
+	$(PY) bench/decode.py
+	$(PY) bench/serve.py
+	$(PY) bench/tokenizer.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
