@@ -138,6 +138,16 @@ def test_sft_tokenizer_mismatch_is_refused(prepared, tmp_path):
                                  out_dir=str(tmp_path / "sft"), max_steps=2))
 
 
+def test_pretrain_data_made_with_another_tokenizer_is_refused(prepared, tmp_path):
+    """Same vocab size, different merges: the shards' ids would be silent garbage for this model."""
+    from havoc_core.tokenizer import HavocTokenizer
+
+    other = HavocTokenizer.train(topics_text()[:40], vocab_size=512, show_progress=False)
+    other.save(tmp_path / "other")
+    with pytest.raises(HavocError, match="manifest.json: tokenizer_hash: the shards were made with tokenizer"):
+        run_training(pretrain_cfg(prepared, tmp_path / "run", tokenizer=str(tmp_path / "other")), progress=False)
+
+
 # --------------------------------------------------------------------------- CLI and bad input
 
 def havoc(*args, **kw) -> subprocess.CompletedProcess:

@@ -321,6 +321,12 @@ class Trainer:
         if cfg.phase == "pretrain":
             if not cfg.data:
                 raise ConfigError("train config: data: expected a `havoc prepare` directory for pretraining")
+            from havoc_core.data import MANIFEST, read_manifest, tokenizer_hash
+
+            made_with, using = read_manifest(cfg.data).get("tokenizer_hash"), tokenizer_hash(self.tokenizer)
+            if made_with != using:
+                raise HavocError(f"{Path(cfg.data) / MANIFEST}: tokenizer_hash: the shards were made with tokenizer "
+                                 f"{made_with}, training uses {using} ({tok_source}); re-run `havoc prepare`")
             self.train_data: Any = PretrainBatches(cfg.data, "train", seq_len, cfg.seed)
             self.val_data: Any = PretrainBatches(cfg.data, "val", seq_len, cfg.seed + 1)
         else:
