@@ -118,7 +118,43 @@ def test_slots_join_and_leave_between_steps(model, tok):
     assert engine.add(b, params) == sa  # the freed slot is reused
 
 
+def test_scattered_slots_decode_only_running_rows(model, tok):
+    """Running slots 0, 2 and 5 of 6 (idle ones between, with stale caches): the gathered decode
+    path writes and reads each row's own cache and equals every request's solo run."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    prompts = [prompt_ids(tok, t) for t in PROMPTS[:3]]
+    engine = Engine(model, tok, max_batch=6)
+    for slot in range(6):  # fill every cache row with something else first
+        engine.add(prompt_ids(tok, PROMPTS[3]), params, slot=slot)
+    while engine.active():
+        engine.step()
+    for slot, p in zip((0, 2, 5), prompts, strict=True):
+        engine.add(p, params, slot=slot)
+        engine.step()  # staggered: different positions
+    while engine.active():
+        engine.step()
+    for slot, p in zip((0, 2, 5), prompts, strict=True):
+        assert engine.result(slot).ids == naive_greedy(model, p, 12)
+
+
 # --------------------------------------------------------------------------- sampling
+
+def test_mixed_params_in_one_batch_equal_alone(model, tok):
+    """Greedy, top-k, top-p and penalised seeded rows sampled together (one batched call) give
+    each request's solo tokens."""
+    p = prompt_ids(tok, PROMPTS[1])
+    variants = [SamplingParams(temperature=0.0, max_new_tokens=16),
+                SamplingParams(temperature=1.0, top_k=20, top_p=1.0, seed=3, max_new_tokens=16),
+                SamplingParams(temperature=0.8, top_p=0.9, seed=4, max_new_tokens=16),
+                SamplingParams(temperature=1.2, top_k=5, top_p=0.5, repetition_penalty=1.3, seed=5,
+                               max_new_tokens=16)]
+    alone = [Engine(model, tok).generate([p], v)[0].ids for v in variants]
+    engine = Engine(model, tok, max_batch=4)
+    slots = [engine.add(p, v) for v in variants]
+    while engine.active():
+        engine.step()
+    assert [engine.result(s).ids for s in slots] == alone
+
 
 def test_seed_reproducible_and_independent_of_batch(model, tok):
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=7, max_new_tokens=16)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,27 +90,60 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
                  seen: Tensor | None = None) -> int:
     """One token id from logits [V]: repetition penalty (CTRL: divide positive logits, multiply
     negative ones, for every id in ``seen``), then greedy or temperature / top-k / top-p sampling."""
+    return sample_tokens(logits[None], [params], [generator], [seen])[0]
+
+
+def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None], seen: Sequence[Tensor | None]) -> list[int]:
+    """``sample_token`` for every row of logits [N, V] at once, each row with its own params,
+    generator and seen ids. Every row draws from its own generator (one uniform, sampling rows
+    only) and every operation is row-wise, so a seeded request gets the same tokens in any batch."""
     logits = logits.float()
-    if seen is not None and params.repetition_penalty != 1.0:
-        logits = logits.clone()
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+    n, vocab = logits.shape
+    penalties = [p.repetition_penalty if s is not None else 1.0 for p, s in zip(params, seen, strict=True)]
+    if any(r != 1.0 for r in penalties):
+        mask = torch.zeros(n, vocab, dtype=torch.bool)
+        for i, s in enumerate(seen):
+            if s is not None and penalties[i] != 1.0:
+                mask[i] = s
+        pen = torch.tensor(penalties, dtype=logits.dtype)[:, None]
+        logits = torch.where(mask, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    tokens = [0] * n
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        picked = (logits if len(greedy) == n else logits[greedy]).argmax(-1).tolist()
+        for i, t in zip(greedy, picked, strict=True):
+            tokens[i] = t
+    rows = [i for i, p in enumerate(params) if p.temperature != 0]
+    if not rows:
+        return tokens
+    ps = [params[i] for i in rows]
+    x = logits if len(rows) == n else logits[rows]
+    x = x / torch.tensor([p.temperature for p in ps], dtype=x.dtype)[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in ps]
+    if any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values
+        kth = top.gather(-1, torch.tensor([max(k, 1) - 1 for k in ks])[:, None])
+        kth = torch.where(torch.tensor(ks)[:, None] > 0, kth, -math.inf)
+        x = x.masked_fill(x < kth, -math.inf)
+    if any(p.top_p < 1.0 for p in ps):
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in ps], dtype=x.dtype)[:, None]
+        # values only: numpy's SIMD sort is ~4x faster than torch.sort, which also orders the indices
+        if x.device.type == "cpu":
+            sorted_logits = torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+        else:
+            sorted_logits = torch.sort(x, dim=-1, descending=True).values
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+        keep = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)  # the smallest prefix reaching top_p
+        x = x.masked_fill(x < sorted_logits.gather(-1, keep - 1), -math.inf)  # ties with its last one stay
     # inverse CDF: one uniform draw (torch.multinomial draws V exponentials: ~7x slower per row at V=8192,
     # a large share of a batched decode step on CPU)
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand((), generator=generator, device=cdf.device) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1))
+    cdf = x.softmax(-1).cumsum(-1)
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, u[:, None].to(cdf.dtype), right=True).clamp(max=vocab - 1)[:, 0].tolist()
+    for i, t in zip(rows, picked, strict=True):
+        tokens[i] = t
+    return tokens
 
 
 # --------------------------------------------------------------------------- detokenising
@@ -359,7 +393,7 @@ class Engine:
             state.seen[ids] = True
         if self.tokenizer is not None:
             state.stream = TextStream(self.tokenizer, params.stop)
-        state.pending = self._sample(state, logits)
+        self._sample_rows([state], logits[None])
         return slot
 
     def step(self) -> list[Event]:
@@ -369,13 +403,13 @@ class Engine:
         running = [i for i in active if self.slots[i].reported]  # type: ignore[union-attr]
         events = []
         if running:
-            logits = self._decode_step(running)
-            for i in running:
-                s = self.slots[i]
-                assert s is not None
-                s.tokens.append(s.pending)
-                s.pending = self._sample(s, logits[i])
-                events.append(self._report(i, s))
+            states = [self.slots[i] for i in running]
+            logits = self._decode_step(running, states)  # type: ignore[arg-type]
+            for s in states:
+                s.tokens.append(s.pending)  # type: ignore[union-attr]
+            self._sample_rows(states, logits)  # type: ignore[arg-type]
+            for i, s in zip(running, states, strict=True):
+                events.append(self._report(i, s))  # type: ignore[arg-type]
         for i in active:
             s = self.slots[i]
             assert s is not None
@@ -470,13 +504,16 @@ class Engine:
         s.active, s.finish_reason = False, reason
         return Event(i, token, text, reason)
 
-    def _sample(self, s: _Slot, logits: Tensor) -> int:
+    def _sample_rows(self, states: list[_Slot], logits: Tensor) -> None:
+        """Sample every state's next (pending) token from its row of logits [N, V], in one batch."""
         if torch.isnan(logits).any():
             raise HavocError("the model produced NaN logits: its weights are broken (diverged training or a bad file)")
-        token = sample_token(logits, s.params, s.generator, s.seen)
-        if s.seen is not None:
-            s.seen[token] = True
-        return token
+        tokens = sample_tokens(logits, [s.params for s in states], [s.generator for s in states],
+                               [s.seen for s in states])
+        for s, token in zip(states, tokens, strict=True):
+            s.pending = token
+            if s.seen is not None:
+                s.seen[token] = True
 
     @torch.inference_mode()
     def _prefill(self, slot: int, ids: list[int], start: int) -> Tensor:
@@ -486,26 +523,47 @@ class Engine:
         return logits[0, -1].float().cpu()
 
     @torch.inference_mode()
-    def _decode_step(self, running: list[int]) -> Tensor:
-        """One token for rows 0..max(running): idle rows in that span compute a throwaway token,
-        written just past their valid cache entries, where it is never read."""
-        hi = max(running) + 1
-        pending = [s.pending if s is not None and i in running else 0 for i, s in enumerate(self.slots[:hi])]
-        pos = [len(s.tokens) if s is not None else 0 for s in self.slots[:hi]]
-        idx = torch.tensor(pending, device=self.device)[:, None]
-        with _onednn(not (self._single_row_no_onednn and hi == 1)):
-            logits = self._forward_rows(idx, pos, hi)
+    def _decode_step(self, running: list[int], states: list[_Slot]) -> Tensor:
+        """Logits [len(running), V] of one token for each running slot (ascending), each at its own
+        position. Only the running rows are computed: a contiguous run of slots is a view of the
+        cache, scattered slots gather their rows (positions up to the longest)."""
+        pos = [len(s.tokens) for s in states]
+        idx = torch.tensor([s.pending for s in states], device=self.device)[:, None]
+        with _onednn(not (self._single_row_no_onednn and len(running) == 1)):
+            logits = self._forward_rows(idx, pos, running)
         return logits[:, -1].float().cpu()
 
-    def _forward_rows(self, idx: Tensor, pos: list[int], hi: int) -> Tensor:
-        if hi == 1:
-            cache = [c.view(slice(0, 1), pos[0] + 1) for c in self.cache]
+    def _forward_rows(self, idx: Tensor, pos: list[int], running: list[int]) -> Tensor:
+        lo, n = running[0], len(running)
+        if n == 1:
+            cache = [c.view(slice(lo, lo + 1), pos[0] + 1) for c in self.cache]
             return self._decode(idx, cache=cache, start=pos[0])
         length = max(pos) + 1
         start = torch.tensor(pos, device=self.device)
         mask = (torch.arange(length, device=self.device) <= start[:, None])[:, None, None, :]
-        cache = [c.view(slice(0, hi), length) for c in self.cache]
+        if running[-1] - lo + 1 == n:  # contiguous slots
+            cache = [c.view(slice(lo, lo + n), length) for c in self.cache]
+        else:
+            rows = torch.tensor(running, device=self.device)
+            cache = [_RowsCache(c, rows, length) for c in self.cache]  # type: ignore[misc]
         return self._decode(idx, cache=cache, start=start, mask=mask)
+
+
+class _RowsCache:
+    """Some rows of a KV cache (a [B] index), positions [0, length): a decode step writes each row's
+    new keys/values at its own position in place and attends to a gathered copy of the rows."""
+
+    def __init__(self, cache: Any, rows: Tensor, length: int) -> None:
+        self.cache, self.rows, self.length = cache, rows, length
+
+    def update(self, start: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
+        rows = self.rows[:, None]
+        ck, cv = self.cache.k, self.cache.v
+        ck[rows, :, cols] = k.transpose(1, 2).to(ck.dtype)
+        cv[rows, :, cols] = v.transpose(1, 2).to(cv.dtype)
+        return (ck[:, :, :self.length].index_select(0, self.rows).to(k.dtype),
+                cv[:, :, :self.length].index_select(0, self.rows).to(v.dtype))
 
 
 @contextmanager
