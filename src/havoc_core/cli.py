@@ -81,7 +81,6 @@ def _train_config(args: argparse.Namespace, phase: str) -> Any:
     """TrainConfig from --config (TOML/JSON) and the flags given, the flags winning."""
     import dataclasses
 
-    from havoc_core.config import from_dict, to_dict
     from havoc_core.train import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -91,7 +90,7 @@ def _train_config(args: argparse.Namespace, phase: str) -> Any:
         given["init"] = "checkpoints/havoc_phase0_pretrain"
     if args.config:
         return TrainConfig.load(args.config, overrides=given)
-    return from_dict(TrainConfig, {**to_dict(TrainConfig()), **given}, where="flags: ").validate("flags: ")
+    return TrainConfig.from_settings(given, where="flags: ")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -113,8 +113,12 @@ class TrainConfig:
         unknown = [k for k in data if k not in known]
         if unknown:
             raise ConfigError(f"{path}: {unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
-        merged = {**to_dict(cls()), **data, **(overrides or {})}
-        return from_dict(cls, merged, where=f"{path}: ").validate(f"{path}: ")
+        return cls.from_settings({**data, **(overrides or {})}, where=f"{path}: ")
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], where: str) -> TrainConfig:
+        """The defaults with ``settings`` on top, type-checked and validated."""
+        return from_dict(cls, {**to_dict(cls()), **settings}, where=where).validate(where)
 
 
 # --------------------------------------------------------------------------- schedule, flops
@@ -288,6 +292,11 @@ class Trainer:
         start = find_checkpoint(self.out_dir) if resume and list_checkpoints(self.out_dir) else None
         if resume and start is None:
             self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from {cfg.init}")
+        tok_source = cfg.tokenizer or (str(find_checkpoint(cfg.init)) if Path(cfg.init).is_dir() else "") or (
+            cfg.data if cfg.phase == "pretrain" else "")
+        if not tok_source:
+            raise HavocError("train config: tokenizer: expected a tokenizer dir or file (none in init/data)")
+        self.tokenizer = HavocTokenizer.load(tok_source)
         init_cfg = self._init_config(cfg.init)
         if start is not None:
             model = load_model(start, device=device)
@@ -304,12 +313,6 @@ class Trainer:
                 model = HavocModel(init_cfg)
         self.model_config = model.config
 
-        # ---- tokenizer
-        tok_source = cfg.tokenizer or (str(find_checkpoint(cfg.init)) if Path(cfg.init).is_dir() else "") or (
-            cfg.data if cfg.phase == "pretrain" else "")
-        if not tok_source:
-            raise HavocError("train config: tokenizer: expected a tokenizer dir or file (none in init/data)")
-        self.tokenizer = HavocTokenizer.load(tok_source)
         self.tokenizer.check_compatible(model.config)
 
         # ---- data
@@ -355,7 +358,6 @@ class Trainer:
             _set_rng_state(resume_state["rng"])
             self.log(f"resumed {start} at step {self.step}")
         self.peak = peak_flops(device)
-        self.seq_len = seq_len
         self._stop = False
 
     # ------------------------------------------------------------------ setup helpers
@@ -375,13 +377,9 @@ class Trainer:
         if Path(init).is_file():
             return HavocConfig.load(init)
         cfg = get_preset(init)
-        if self.cfg.tokenizer or self.cfg.data:
-            from havoc_core.tokenizer import HavocTokenizer
-
-            tok = HavocTokenizer.load(self.cfg.tokenizer or self.cfg.data)
-            if tok.vocab_size != cfg.vocab_size:
-                self.log(f"{init}: vocab_size set to {tok.vocab_size} to match the tokenizer")
-                cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+        if self.tokenizer.vocab_size != cfg.vocab_size:
+            self.log(f"{init}: vocab_size set to {self.tokenizer.vocab_size} to match the tokenizer")
+            cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.vocab_size)
         return cfg
 
     def _sft_data(self, max_len: int) -> tuple[SFTBatches, SFTBatches]:
