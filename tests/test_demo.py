@@ -1,0 +1,19 @@
+"""The demo pipeline end to end, shrunk: built-in corpus -> tokenizer -> shards -> pretrain -> SFT -> answers."""
+
+from havoc_core.checkpoint import list_checkpoints
+from havoc_core.demo import DEMO_QUESTIONS, DemoPlan, run_demo
+
+
+def test_demo_pipeline_end_to_end_then_reuse(tmp_path, capsys):
+    plan = DemoPlan(data_dir=str(tmp_path / "data"), pretrain_dir=str(tmp_path / "pre"), sft_dir=str(tmp_path / "sft"),
+                    vocab_size=1024, pretrain_steps=4, pretrain_batch=2, pretrain_seq_len=64, sft_steps=2,
+                    sft_batch=2, eval_every=2)
+    assert run_demo(plan, interactive=False) == 0
+    out = capsys.readouterr().out
+    for q in DEMO_QUESTIONS:
+        assert f"You: {q}\nHAVOC: " in out
+    assert [p.name for p in list_checkpoints(plan.sft_dir)][-1] == "checkpoint_step_2"
+    # a second run reuses every stage: same checkpoints, same (greedy) answers
+    assert run_demo(plan, interactive=False) == 0
+    again = capsys.readouterr()
+    assert again.out == out and "pretraining" not in again.err and "tokenizer" not in again.err
