@@ -8,7 +8,7 @@ the ratio is pure batching gain.
 
     python bench/serve.py                        # havoc-tiny, random weights, a tokenizer trained here
     python bench/serve.py --checkpoint DIR       # a real checkpoint
-    OMP_NUM_THREADS=1 python bench/serve.py      # the server's torch threads (it inherits the env)
+    python bench/serve.py --server-args "--threads 2"   # torch threads (default: one per core but one)
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def make_checkpoint(preset: str, out: Path) -> Path:
     return save_model(out, HavocModel(cfg), tokenizer=tok)
 
 
-def start_server(checkpoint: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """The server process, its URL and the first line it printed (model, slots, threads)."""
     cmd = [sys.executable, "-m", "havoc_core.cli", "serve", str(checkpoint), "--port", "0",
            "--max-batch", str(max_batch), "--model-name", "bench", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -57,7 +58,7 @@ def start_server(checkpoint: Path, max_batch: int, extra: list[str]) -> tuple[su
     for _ in range(600):
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return proc, url, line.split(" at http")[0].strip()
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
@@ -112,29 +113,37 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     p.add_argument("--server-args", default="", help="extra `havoc serve` flags, e.g. '--dtype bfloat16'")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat every mode this often, interleaved; report medians (a shared CPU drifts)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(args.preset, Path(tmp) / "ckpt")
-        proc, url = start_server(ckpt, max(args.concurrency), args.server_args.split())
+        proc, url, banner = start_server(ckpt, max(args.concurrency), args.server_args.split())
         try:
             asyncio.run(run(url, 2, 2, 8))  # warm-up: first-call allocations, connection set-up
-            rows = [run_mode(url, args, c) for c in [1, *args.concurrency]]
+            rounds = [[run_mode(url, args, c) for c in [1, *args.concurrency]] for _ in range(args.rounds)]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
-    base = rows[0]["tokens_per_s"]
     print(f"\n{args.checkpoint or args.preset}: {args.requests} requests x {args.max_tokens} tokens, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print("| clients | tokens | seconds | tokens/s | vs sequential | TTFT p50 | latency p50 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        name = "1 (sequential)" if r["concurrency"] == 1 else str(r["concurrency"])
-        print(f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_s'] * 1000:.0f} ms | {r['latency_p50_s']:.2f} s |")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.rounds} rounds; {banner}")
+    print("| clients | tokens/s (median) | vs sequential: median (range over rounds) | TTFT p50 | latency p50 |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for i, concurrency in enumerate([1, *args.concurrency]):
+        runs = [r[i] for r in rounds]
+        ratios = [r[i]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rounds]
+        med = statistics.median
+        row = {"concurrency": concurrency, "tokens_per_s": med(x["tokens_per_s"] for x in runs),
+               "ratio": med(ratios), "ratios": ratios, "ttft_p50_s": med(x["ttft_p50_s"] for x in runs),
+               "latency_p50_s": med(x["latency_p50_s"] for x in runs), "runs": runs}
+        rows.append(row)
+        name = "1 (sequential)" if concurrency == 1 else str(concurrency)
+        print(f"| {name} | {row['tokens_per_s']:.0f} | {row['ratio']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{row['ttft_p50_s'] * 1000:.0f} ms | {row['latency_p50_s']:.2f} s |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -31,7 +31,7 @@ import uvicorn
 from havoc_core import AttentionConfig, HavocConfig, HavocModel, MLPConfig
 from havoc_core.checkpoint import save_model
 from havoc_core.generate import Engine, SamplingParams, load_for_inference
-from havoc_core.serve import create_app, listen
+from havoc_core.serve import create_app, listen, serving_threads
 from havoc_core.tokenizer import SPECIAL_TOKENS, HavocTokenizer, render_chat
 
 CONTEXT = 256
@@ -460,11 +460,12 @@ def test_listening_socket_lets_asyncio_turn_nagle_off():
 def test_cli_serve_on_a_free_port(checkpoint):
     env = {**os.environ, "HAVOC_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "havoc_core.cli", "serve", str(checkpoint), "--port", "0",
-                             "--max-batch", "4", "--model-name", MODEL], stdout=subprocess.PIPE,
+                             "--max-batch", "4", "--model-name", MODEL, "--threads", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {MODEL} ") and "http://127.0.0.1:" in line, line
+        assert "4 slots, 1 torch thread)" in line, line
         url = line.split("http://")[1].split()[0]
         deadline = time.monotonic() + 60
         while True:
@@ -488,3 +489,18 @@ def test_cli_serve_refuses_a_port_in_use(checkpoint, server):
     r = subprocess.run([sys.executable, "-m", "havoc_core.cli", "serve", str(checkpoint), "--port", port],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen"), r.stderr
+
+
+def test_cli_serve_refuses_zero_threads(checkpoint):
+    r = subprocess.run([sys.executable, "-m", "havoc_core.cli", "serve", str(checkpoint), "--threads", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --threads: expected an integer >= 1, found 0", r.stderr
+
+
+def test_serving_threads_leave_a_core_for_the_event_loop(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert serving_threads() == max(1, cores - 1)
+    assert serving_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert serving_threads() == 5

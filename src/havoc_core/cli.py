@@ -251,7 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("HAVOC_API_KEY")
     return serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-                 max_batch=args.max_batch, device=args.device, dtype=args.dtype, quantize=args.quantize)
+                 max_batch=args.max_batch, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                 threads=args.threads)
 
 
 # --------------------------------------------------------------------------- parser
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight storage (auto: bf16 on GPU and for CPU models from 50M parameters)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
+    p.add_argument("--threads", type=int, help="torch threads for the model on CPU (default: $OMP_NUM_THREADS, "
+                   "else one per core but one, which the HTTP side needs)")
 
     return parser
 
