@@ -247,8 +247,12 @@ class _CastRMSNorm(nn.RMSNorm):
     """RMSNorm that follows the activations' dtype (bf16 weights inside an fp32 prefill)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.to(x.dtype)
-        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        if x.dtype == torch.float32:
+            weight = None if self.weight is None else self.weight.float()
+            return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        h = x.float()  # half precision: normalise in fp32, scale in x's dtype (as HF Llama)
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return h if self.weight is None else h * self.weight.to(x.dtype)
 
 
 def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
