@@ -9,7 +9,7 @@ For each preset (random weights, seeded; transformers' ``LlamaForCausalLM`` come
   else in fp32 whatever the storage dtype);
 - the memory-bandwidth bound: bytes of all weights but the input embedding, read once per token,
   over the bandwidth of a large fp32 ``F.linear`` matrix-vector product measured here and now;
-- with ``--int8``: the same for int8 weight-only quantisation (HAVOC only);
+- with ``--int8``: batch-1 decode with int8 weights (HAVOC only), timed in the same rounds;
 - with ``--startup``: seconds from process start to the chat's ``You:`` prompt (a saved checkpoint),
   against a process that loads the exported HF model and tokenizer with ``from_pretrained``.
 
@@ -21,6 +21,7 @@ Results also go to bench/results/decode.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -146,8 +147,6 @@ def val_losses(checkpoint: str, data: str, windows: int = 8, seq_len: int = 256)
     sequential windows of a prepared val split, two ways: one forward pass per window (the prefill
     path) and token by token through the KV cache (the decode path: bf16 activations for bf16,
     fbgemm's int8 kernel with 8-bit activations for int8)."""
-    import copy
-
     import numpy as np
 
     from havoc_core.checkpoint import load_model
@@ -213,9 +212,13 @@ def main() -> None:
         vocab = model.config.vocab_size
         row: dict = {"params": model.config.num_parameters()}
         bound = bandwidth * 1e9 / weight_bytes(model)
+        # int8 matrices (and an int8 copy of the tied head); fp32 activations, as the CPU kernel takes
+        int8 = prepare_model(copy.deepcopy(model), torch.float32, "int8") if args.int8 else None
         for batch in (1, 8):
             ids = prompts(batch, PROMPT_LEN, vocab)
             runs = {"havoc": partial(havoc_run, model), "hf": partial(hf_run, hf)}
+            if int8 is not None and batch == 1:  # timed in the same rounds as the dtype it is compared with
+                runs["havoc_int8"] = partial(havoc_run, int8)
             if args.compile:
                 runs["havoc_compiled"] = partial(havoc_run, model, compile=True)
                 runs["havoc_compiled"](ids, 2)  # compile outside the timed runs
@@ -226,7 +229,8 @@ def main() -> None:
                 print(f"{preset} {args.dtype} batch {batch}: HAVOC compiled {c:.1f} tok/s = {c / theirs:.2f}x "
                       "transformers", flush=True)
             row[f"b{batch}"] = {"havoc_tok_s": ours, "hf_tok_s": theirs, "ratio": ours / theirs,
-                                **({"havoc_compiled_tok_s": rates["havoc_compiled"]} if args.compile else {})}
+                                **({"havoc_compiled_tok_s": rates["havoc_compiled"]} if args.compile else {}),
+                                **({"havoc_int8_tok_s": rates["havoc_int8"]} if "havoc_int8" in rates else {})}
             print(f"{preset} {args.dtype} batch {batch}: HAVOC {ours:.1f} tok/s, transformers {theirs:.1f} tok/s, "
                   f"ratio {ours / theirs:.2f}x", flush=True)
         row["b1"].update(bound_tok_s=bound, of_bound=row["b1"]["havoc_tok_s"] / bound,
@@ -245,16 +249,14 @@ def main() -> None:
             row["startup"] = startup(model, preset, args.dtype)
             s = row["startup"]
             print(f"{preset} start -> You: HAVOC {s['havoc_s']:.2f} s, transformers load {s['hf_s']:.2f} s", flush=True)
-        if args.int8:
-            # int8 matrices (and an int8 copy of the tied head); fp32 activations, as the CPU kernel takes
-            prepare_model(model, torch.float32, "int8")
-            ids = prompts(1, PROMPT_LEN, vocab)
-            rate = decode_rates({"int8": partial(havoc_run, model)}, ids, args.tokens, args.repeat)["int8"]
-            bound8 = bandwidth * 1e9 / weight_bytes(model)
+        if int8 is not None:
+            rate = row["b1"]["havoc_int8_tok_s"]
+            bound8 = bandwidth * 1e9 / weight_bytes(int8)
             row["int8_b1"] = {"havoc_tok_s": rate, "vs_dtype": rate / row["b1"]["havoc_tok_s"],
                               "bound_tok_s": bound8, "of_bound": rate / bound8}
             print(f"{preset} int8 batch 1: {rate:.1f} tok/s = {row['int8_b1']['vs_dtype']:.2f}x {args.dtype} "
-                  f"({rate / bound8:.0%} of its bound {bound8:.1f})", flush=True)
+                  f"({rate / bound8:.0%} of its bound {bound8:.1f}; the same timing rounds)", flush=True)
+            del int8
         results["presets"][preset] = row
     out = Path(__file__).parent / "results" / "decode.json"
     out.parent.mkdir(exist_ok=True)
