@@ -137,6 +137,41 @@ def test_scattered_slots_decode_only_running_rows(model, tok):
         assert engine.result(slot).ids == naive_greedy(model, p, 12)
 
 
+def test_batched_prefill_equals_one_by_one(model, tok):
+    """``add_batch`` over scattered slots with stale caches: rows of different lengths (right-padded
+    in one pass), one extending a prefix its slot already holds; then a batch with a row so long that
+    padding would pass the context (each row gets its own pass). Every request equals its solo run."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    engine = Engine(model, tok, max_batch=6)
+    first = prompt_ids(tok, PROMPTS[1])
+    for slot in range(6):
+        engine.add(prompt_ids(tok, PROMPTS[3]) if slot != 2 else first, params, slot=slot)
+    while engine.active():
+        engine.step()
+    extended = [*first, *tok.encode(" and more words here")]
+    long = prompt_ids(tok, " ".join(["word"] * 200))[: model.config.max_seq_len - 3]
+    batches = [{5: prompt_ids(tok, PROMPTS[2]), 0: prompt_ids(tok, PROMPTS[0]), 2: extended},  # not ascending
+               {1: long, 2: [*extended, *tok.encode(" again")]}]
+    assert len(extended) + len(long) - 1 > model.config.max_seq_len  # slot 2's start + the padded width
+    for prompts in batches:
+        assert engine.add_batch([(p, params, slot) for slot, p in prompts.items()]) == list(prompts)
+        while engine.active():
+            engine.step()
+        for slot, p in prompts.items():
+            assert engine.result(slot).ids == naive_greedy(model, p, 10), slot
+    assert engine.slots[2].cached == len(extended) and engine.slots[1].cached == 1  # the shared bos
+
+
+def test_add_batch_checks_everything_before_changing_anything(model, tok):
+    engine = Engine(model, tok, max_batch=3)
+    good = prompt_ids(tok, PROMPTS[0])
+    with pytest.raises(HavocError, match="empty prompt"):
+        engine.add_batch([(good, GREEDY, 0), ([], GREEDY, 1)])
+    with pytest.raises(HavocError, match="slot 1: given twice"):
+        engine.add_batch([(good, GREEDY, 1), (good, GREEDY, 1)])
+    assert engine.slots == [None, None, None]
+
+
 # --------------------------------------------------------------------------- sampling
 
 def test_mixed_params_in_one_batch_equal_alone(model, tok):

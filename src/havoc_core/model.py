@@ -78,7 +78,8 @@ class HavocModel(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: list[KVCache] | None = None,
                 start: int | Tensor = 0, positions: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, compute_dtype: torch.dtype | None = None) -> Tensor:
+                last_only: bool = False, logits_at: Tensor | None = None,
+                compute_dtype: torch.dtype | None = None) -> Tensor:
         """idx [B, T] token ids -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
 
         With ``targets`` [B, T] (``-100`` = ignore) it returns the mean cross-entropy instead, so a
@@ -86,7 +87,8 @@ class HavocModel(nn.Module):
         positions ``start .. start+T-1``; ``positions`` [B, T] overrides the RoPE positions (left-padded
         batches) and ``mask`` (bool, True = may attend, broadcastable to [B, H, T, S]) the causal mask.
         A [B] tensor ``start`` gives every row its own cache position (slot-based batch decoding; pass
-        ``mask``). ``compute_dtype`` sets the activations' dtype (e.g. an fp32 prefill of bf16 weights).
+        ``mask``). ``logits_at`` [B] returns [B, 1, V] for one position per row (right-padded rows).
+        ``compute_dtype`` sets the activations' dtype (e.g. an fp32 prefill of bf16 weights).
         """
         T = idx.shape[1]
         if isinstance(start, Tensor):
@@ -108,6 +110,8 @@ class HavocModel(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         # the head sees a 2-D input: a [1, 1, d] slice of [1, T, d] keeps its stride of T * d, and with
         # it oneDNN's bf16 matmul copies the whole transposed head (0.9 s vs 19 ms on havoc-2b, LOG.md)
         h = x.reshape(-1, x.shape[-1])

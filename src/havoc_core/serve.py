@@ -44,6 +44,7 @@ from havoc_core.generate import Completion, Engine, Quantize, SamplingParams
 from havoc_core.tokenizer import ROLES, render_chat
 
 MAX_BODY_BYTES = 1 << 20
+PREFILL_BATCH_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its activations)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 PAGE_HEADERS = {  # the chat page loads nothing from elsewhere and runs no inline script
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -187,22 +188,35 @@ class EngineLoop:
             return True
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots; those admitted together share prefill passes."""
+        batch: list[tuple[int, _Request]] = []
         while self._waiting:
-            slot = self.engine.free_slot(self._waiting[0].ids)
+            slot = self.engine.free_slot(self._waiting[0].ids, exclude={s for s, _ in batch})
             if slot is None:
-                return
+                break
             request = self._waiting.popleft()
             if request.cancelled:
                 self.counts["aborted"] += 1
                 continue
-            try:
-                self.engine.add(request.ids, request.params, slot=slot)
-            except Exception as e:  # validated before queueing, so this is a server fault
+            width = max(len(r.ids) for _, r in [*batch, (slot, request)])
+            if batch and (len(batch) + 1) * width > PREFILL_BATCH_TOKENS:
+                self._prefill(batch)
+                batch = []
+            batch.append((slot, request))
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[tuple[int, _Request]]) -> None:
+        try:
+            self.engine.add_batch([(r.ids, r.params, slot) for slot, r in batch])
+        except Exception as e:  # validated before queueing, so this is a server fault
+            for slot, request in batch:
                 self.engine.remove(slot)
                 self.counts["failed"] += 1
                 self._send(request, ApiError(500, f"prefill failed: {e}", kind="server_error"))
-                continue
-            request.cached = len(request.ids) - self.engine.last_prefill
+            return
+        for slot, request in batch:
+            request.cached = self.engine.slots[slot].cached  # type: ignore[union-attr]
             self._running[slot] = request
 
     def _step(self) -> None:
