@@ -327,6 +327,20 @@ def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos):
     assert cos.min() > min_cos
 
 
+def test_prepared_fp32_model_fuses_projections_and_matches(model, tok):
+    """``prepare_model`` fuses q/k/v and gate/up into single matrices (one matmul, one rotation
+    for q and k together): fp32 logits equal the plain model's and greedy decoding is unchanged."""
+    fast = prepare_model(copy.deepcopy(model), torch.float32)
+    assert fast.layers[0].attn.qkv_proj is not None and fast.layers[0].mlp.w13 is not None
+    assert not hasattr(fast.layers[0].attn, "q_proj") and not hasattr(fast.layers[0].mlp, "w1")
+    ids = torch.tensor([prompt_ids(tok, PROMPTS[3])])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), atol=ATOL, rtol=0)
+    prompts = [prompt_ids(tok, t) for t in PROMPTS]
+    assert [c.ids for c in Engine(fast, tok, max_batch=2).generate(prompts, GREEDY)] == \
+        [c.ids for c in Engine(model, tok, max_batch=2).generate(prompts, GREEDY)]
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(model, tok):
     prompts = [prompt_ids(tok, t) for t in PROMPTS]

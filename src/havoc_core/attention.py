@@ -87,16 +87,37 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d_model, bias=cfg.bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix: see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one matrix (inference): one matmul and one rotation per step
+        instead of three and two. Done once; the model cannot be trained or saved afterwards."""
+        if self.qkv_proj is not None:
+            return
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                          device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        fused.weight.data = torch.cat([p.weight.data for p in parts])
+        if fused.bias is not None:
+            fused.bias.data = torch.cat([p.bias.data for p in parts])  # type: ignore[union-attr]
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 start: int | Tensor = 0, mask: Tensor | None = None) -> Tensor:
         """x [B, T, d_model]; cos/sin [T, r/2] or [B, 1, T, r/2]; mask: bool, True = may attend,
         broadcastable to [B, H, T, S]. Without a mask the attention is causal."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # inference: one matmul, and one rotation for the q and k heads together
+            qk, v = self.qkv_proj(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            q, k = apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin).split([H, Hkv], dim=1)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start, k, v)
         S, groups = k.shape[2], self.num_heads // self.num_kv_heads
