@@ -23,6 +23,7 @@ from havoc_core.generate import Engine, Quantize, SamplingParams, load_for_infer
 
 DEFAULT_RUN = "checkpoints/havoc_phase1_sft"
 CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+SMOKE_DEFAULTS = replace(CHAT_DEFAULTS, temperature=0.0, max_new_tokens=48)  # greedy: the same replies every run
 SMOKE_PROMPTS = ["Hello! Who are you?", "What does the len function do?", "Explain the with statement."]
 # what a model may print to a terminal: no escape sequences or other control characters
 PRINTABLE = {c: None for c in [*range(0x20), 0x7F] if chr(c) not in "\n\t"}
@@ -376,16 +377,15 @@ def run_generate(checkpoint: str | Path, prompt: str, params: SamplingParams | N
 
 
 def run_smoke(checkpoint: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-              quantize: Quantize | None = None, max_new_tokens: int = 48) -> int:
-    """Load a checkpoint, answer three fixed prompts (greedy), print replies and tokens/s.
+              quantize: Quantize | None = None, params: SamplingParams | None = None) -> int:
+    """Load a checkpoint, answer three fixed prompts (greedy unless ``params``), print replies and tokens/s.
     Exit status 0 only if loading and every generation worked."""
     _utf8_console()
     from havoc_core.config import format_params
 
     loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     print(f"loaded {loaded.path} ({format_params(loaded.n_params)} parameters) in {loaded.seconds:.1f} s")
-    params = replace(CHAT_DEFAULTS, temperature=0.0, max_new_tokens=max_new_tokens)
-    session = ChatSession(loaded.model, loaded.tokenizer, params=params)
+    session = ChatSession(loaded.model, loaded.tokenizer, params=params or SMOKE_DEFAULTS)
     failed = 0
     for q in SMOKE_PROMPTS:
         session.reset()

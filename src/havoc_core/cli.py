@@ -239,9 +239,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from havoc_core.chat import run_smoke
+    from havoc_core.chat import SMOKE_DEFAULTS, run_smoke
 
-    return run_smoke(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return run_smoke(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                     params=_sampling(args, SMOKE_DEFAULTS))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

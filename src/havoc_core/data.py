@@ -248,7 +248,7 @@ def load_conversations(source: str | Path | Iterable[Any], tokenizer: HavocToken
 def prepare_conversations(source: str | Path | Iterable[Any], tokenizer: HavocTokenizer, max_len: int,
                           out: str | Path, skip_invalid: bool = False) -> dict[str, Any]:
     """Check every conversation against the tokenizer and ``max_len`` and write the valid ones to
-    the JSONL file ``out`` (what ``havoc train --phase sft`` reads); returns counts."""
+    the JSONL file ``out`` (what ``havoc sft --data`` reads); returns counts."""
     kept, skipped, longest, assistant_tokens = [], [], 0, 0
     for where, record in _records(source):
         try:

@@ -303,7 +303,7 @@ def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dt
     ckpt = find_checkpoint(path)
     if not (ckpt / TOKENIZER_FILE).is_file():
         raise HavocError(f"{ckpt}: no {TOKENIZER_FILE} in this checkpoint (chat needs one; store it with "
-                         f"`havoc init --tokenizer` or train through `havoc train`)")
+                         f"`havoc init --tokenizer` or train with `havoc pretrain` / `havoc sft`)")
     tokenizer = HavocTokenizer.load(ckpt)
     model = load_model(ckpt, device=device)
     tokenizer.check_compatible(model.config)
