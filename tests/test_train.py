@@ -253,7 +253,7 @@ def test_torchrun_ddp_matches_single_process(prepared, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--init", str(prepared / "tiny.json"), "--data", str(prepared / "data"), "--tokenizer",
               str(prepared / "tok"), "--max-steps", "4", "--seq-len", "32", "--eval-every", "4", "--eval-batches", "1",
-              "--save-every", "4", "--no-compile"]
+              "--save-every", "4", "--no-compile", "--dtype", "float32"]  # fp32: a 1e-4 match, not bf16 rounding
     out = havoc("pretrain", *common, "--batch-size", "4", "--out-dir", str(single))
     assert out.returncode == 0, out.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -272,7 +272,7 @@ def test_torchrun_fsdp2_on_cpu_matches_single_process(prepared, tmp_path):
     """FSDP2 (fully_shard) over 2 gloo ranks: same losses as one process, a full checkpoint on rank 0."""
     common = ["--init", str(prepared / "tiny.json"), "--data", str(prepared / "data"), "--tokenizer",
               str(prepared / "tok"), "--max-steps", "3", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
-              "--save-every", "3"]
+              "--save-every", "3", "--dtype", "float32"]
     assert havoc("pretrain", *common, "--batch-size", "4", "--out-dir", str(tmp_path / "single")).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = subprocess.run([*torchrun, "-m", "havoc_core.cli", "pretrain", *common, "--batch-size", "2", "--fsdp",
@@ -299,3 +299,13 @@ def test_save_model_then_sft_init_from_checkpoint_dir(prepared, tmp_path):
                                     out_dir=str(tmp_path / "sft"), max_steps=2, batch_size=2, eval_every=2,
                                     eval_batches=1, save_every=2), progress=False)
     assert last["step"] == 2
+
+
+def test_training_dtype_follows_the_hardware():
+    from havoc_core.generate import cpu_has_native_bf16
+    from havoc_core.train import training_dtype
+
+    cpu = torch.device("cpu")
+    assert training_dtype("float32", cpu) == torch.float32 and training_dtype("bfloat16", cpu) == torch.bfloat16
+    assert training_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert training_dtype("auto", torch.device("cuda")) == torch.bfloat16
