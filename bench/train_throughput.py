@@ -1,10 +1,12 @@
 """Training-step throughput: HAVOC vs Hugging Face ``LlamaForCausalLM`` of the same shape and weights.
 
-One step = forward + backward + AdamW on a [batch, seq] window of random tokens, fp32 on CPU
-(bf16 autocast on CUDA). Both models run in the same process, interleaved, so the ratio is fair
+One step = forward + backward + AdamW on a [batch, seq] window of random tokens, in the trainer's
+dtype (``--dtype auto``: bf16 autocast on CUDA and on CPUs with native bf16, else fp32).
+Both models run in the same process, interleaved, so the ratio is fair
 even on a noisy machine. Also prints the fraction of this machine's measured matmul FLOP/s.
 
     python bench/train_throughput.py [--presets havoc-tiny havoc-small] [--steps 5] [--compile]
+                                     [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from havoc_core import HavocModel, get_preset
 from havoc_core.hf import to_llama
-from havoc_core.train import peak_flops
+from havoc_core.train import peak_flops, training_dtype
 
 SHAPES = {"havoc-tiny": (16, 256), "havoc-small": (4, 256), "havoc-2b": (8, 1024)}
 
@@ -49,13 +51,15 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["havoc-tiny", "havoc-small"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(HAVOC)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    peak = peak_flops(device)
-    print(f"device {device}, {torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s "
-          f"({'bf16 table' if device.type == 'cuda' else 'measured fp32 matmul'})")
+    dtype = training_dtype(args.dtype, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    peak = peak_flops(device, dtype)
+    print(f"device {device}, {torch.get_num_threads()} threads, {str(dtype)[6:]}, peak {peak / 1e9:.0f} GFLOP/s "
+          f"({'bf16 table' if device.type == 'cuda' else 'measured matmul'})")
     results = []
     for name in args.presets:
         cfg = get_preset(name)
@@ -74,7 +78,7 @@ def main() -> None:
             for k, (m, hf) in variants.items():
                 timings[k] += step_time(m, x, hf, args.steps, amp)
         flops = cfg.flops_per_token(seq) * batch * seq
-        row = {"preset": name, "batch": batch, "seq": seq, "device": str(device)}
+        row = {"preset": name, "batch": batch, "seq": seq, "device": str(device), "dtype": str(dtype)}
         for k, ts in timings.items():
             t = statistics.median(ts)
             row[k] = {"tokens_per_s": batch * seq / t, "fraction_of_peak": flops / t / peak}
