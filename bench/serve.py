@@ -8,7 +8,7 @@ the ratio is pure batching gain.
 
     python bench/serve.py                        # havoc-tiny, random weights, a tokenizer trained here
     python bench/serve.py --checkpoint DIR       # a real checkpoint
-    python bench/serve.py --server-args "--threads 2"   # torch threads (default: one per core but one)
+    python bench/serve.py --server-args="--dtype float32 --threads 2"   # extra `havoc serve` flags (note the =)
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--server-args", default="", help="extra `havoc serve` flags, e.g. '--dtype bfloat16'")
+    p.add_argument("--server-args", default="", help="extra `havoc serve` flags, e.g. --server-args='--dtype float32'")
     p.add_argument("--rounds", type=int, default=3,
                    help="repeat every mode this often, interleaved; report medians (a shared CPU drifts)")
     p.add_argument("--json", help="also write the results here")

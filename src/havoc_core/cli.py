@@ -202,7 +202,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def _add_generation_flags(p: argparse.ArgumentParser, sampling_help: str) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight storage (auto: bf16 on GPU and for CPU models from 50M parameters)")
+                   help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
     g = p.add_argument_group(f"sampling ({sampling_help})")
     g.add_argument("--temperature", type=float, help="0 = greedy")
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together; more wait in line")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight storage (auto: bf16 on GPU and for CPU models from 50M parameters)")
+                   help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
     p.add_argument("--threads", type=int, help="torch threads for the model on CPU (default: $OMP_NUM_THREADS, "
                    "else one per core but one, which the HTTP side needs)")
