@@ -546,9 +546,11 @@ class Engine:
     def _prefill_rows(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
         """Logits [len(rows), V] after each (slot, new ids, start) row's last new token. Several rows
         go right-padded through one forward pass: padding keys land past each row's own tokens, where
-        the causal mask hides them until decoding overwrites them."""
+        the causal mask hides them until decoding overwrites them. Rows too uneven to pad (more than
+        half padding) or too close to the context's end take a pass each."""
         width = max(len(ids) for _, ids, _ in rows)
-        if len(rows) == 1 or any(start + width > self.max_len for _, _, start in rows):
+        padded, real = width * len(rows), sum(len(ids) for _, ids, _ in rows)
+        if len(rows) == 1 or padded > 2 * real + 64 or any(start + width > self.max_len for _, _, start in rows):
             out = []
             for slot, ids, start in rows:
                 cache = [c.view(slice(slot, slot + 1), self.max_len) for c in self.cache]
