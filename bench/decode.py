@@ -208,7 +208,7 @@ def main() -> None:
     for preset in args.presets:
         model = build(preset, dtype)
         hf = to_llama(model)  # shares the weight tensors
-        prepare_model(model, dtype)  # the same tensors again, in inference modules (no copy)
+        prepare_model(model, dtype)  # inference modules; q/k/v and gate/up fused (copies of those matrices)
         vocab = model.config.vocab_size
         row: dict = {"params": model.config.num_parameters()}
         bound = bandwidth * 1e9 / weight_bytes(model)
