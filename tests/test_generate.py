@@ -140,7 +140,8 @@ def test_scattered_slots_decode_only_running_rows(model, tok):
 def test_batched_prefill_equals_one_by_one(model, tok):
     """``add_batch`` over scattered slots with stale caches: rows of different lengths (right-padded
     in one pass), one extending a prefix its slot already holds; then a batch with a row so long that
-    padding would pass the context (each row gets its own pass). Every request equals its solo run."""
+    padding would pass the context (each row gets its own pass); then a batch split into passes by
+    ``PREFILL_TOKENS``. Every request equals its solo run."""
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     engine = Engine(model, tok, max_batch=6)
     first = prompt_ids(tok, PROMPTS[1])
@@ -151,9 +152,12 @@ def test_batched_prefill_equals_one_by_one(model, tok):
     extended = [*first, *tok.encode(" and more words here")]
     long = prompt_ids(tok, " ".join(["word"] * 200))[: model.config.max_seq_len - 3]
     batches = [{5: prompt_ids(tok, PROMPTS[2]), 0: prompt_ids(tok, PROMPTS[0]), 2: extended},  # not ascending
-               {1: long, 2: [*extended, *tok.encode(" again")]}]
+               {1: long, 2: [*extended, *tok.encode(" again")]},
+               {3: prompt_ids(tok, PROMPTS[0]), 4: prompt_ids(tok, PROMPTS[1]), 0: prompt_ids(tok, PROMPTS[3])}]
     assert len(extended) + len(long) - 1 > model.config.max_seq_len  # slot 2's start + the padded width
-    for prompts in batches:
+    for n, prompts in enumerate(batches):
+        if n == 2:  # passes of two rows at most: the batch is split
+            engine.PREFILL_TOKENS = 2 * max(len(p) for p in prompts.values())
         assert engine.add_batch([(p, params, slot) for slot, p in prompts.items()]) == list(prompts)
         while engine.active():
             engine.step()
@@ -294,13 +298,13 @@ def test_prefix_reuse_prefills_only_new_tokens(model, tok):
     engine = Engine(model, tok)
     first = prompt_ids(tok, PROMPTS[0])
     s = engine.add(first, GREEDY)
-    assert engine.last_prefill == len(first)
+    assert engine.slots[s].cached == 0  # all of it prefilled
     while engine.active():
         engine.step()
     reply = engine.result(s).ids
     follow = first + reply + [tok.eos_id, tok.role_id("user"), *tok.encode("and then?")]
     engine.add(follow, GREEDY, slot=s)
-    assert engine.last_prefill == len(follow) - len(first) - len(reply) + 1  # the last reply token was never fed
+    assert engine.slots[s].cached == len(first) + len(reply) - 1  # the last reply token was never fed
     while engine.active():
         engine.step()
     assert engine.result(s).ids == naive_greedy(model, follow, GREEDY.max_new_tokens)

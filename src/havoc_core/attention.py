@@ -60,15 +60,18 @@ class KVCache:
         alike; returns positions [0, start + T)) or a [B] tensor, one start per row (slot-based
         batch decoding; returns the whole buffer, which the caller masks)."""
         if isinstance(start, Tensor):
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
-            self.k[rows, :, cols] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[rows, :, cols] = v.transpose(1, 2).to(self.v.dtype)
+            self.write_rows(torch.arange(k.shape[0], device=k.device), start, k, v)
             return self.k.to(k.dtype), self.v.to(v.dtype)
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
+
+    def write_rows(self, rows: Tensor, start: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k/v [B, n_kv, T, hd] into batch rows ``rows`` [B], row b at positions start[b] ..."""
+        cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
+        self.k[rows[:, None], :, cols] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows[:, None], :, cols] = v.transpose(1, 2).to(self.v.dtype)
 
     def view(self, rows: slice, length: int) -> KVCache:
         """A cache sharing this one's storage: batch rows ``rows``, positions [0, length)."""

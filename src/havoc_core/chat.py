@@ -203,7 +203,7 @@ class ChatSession:
         except BaseException:
             self.turns = saved
             raise
-        self.last_prefill = self.engine.last_prefill
+        self.last_prefill = len(self.engine.slots[0].tokens) - self.engine.slots[0].cached  # type: ignore[union-attr]
         self._open = True
         return self._stream()
 

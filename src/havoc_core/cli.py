@@ -199,11 +199,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=tp, default=None, help=f"(default {f.default!r})")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser, sampling_help: str) -> None:
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, sampling_help: str) -> None:
+    _add_model_flags(p)
     g = p.add_argument_group(f"sampling ({sampling_help})")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int, help="0 = off")
@@ -354,10 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $HAVOC_API_KEY)")
     p.add_argument("--model-name", help="model id clients send (default: run/checkpoint_step_N)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together; more wait in line")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
+    _add_model_flags(p)
     p.add_argument("--threads", type=int, help="torch threads for the model on CPU (default: $OMP_NUM_THREADS, "
                    "else one per core but one, which the HTTP side needs)")
 

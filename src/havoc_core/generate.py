@@ -351,6 +351,8 @@ class _Slot:
 class Engine:
     """Slot-based batch decoder over one preallocated KV cache (see the module docstring)."""
 
+    PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass
+
     def __init__(self, model: HavocModel, tokenizer: Any = None, *, max_batch: int = 1,
                  prefill_dtype: torch.dtype | None = None, compile: bool = False) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -361,7 +363,6 @@ class Engine:
         self.slots: list[_Slot | None] = [None] * max_batch
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model)
         self.stop_ids = {cfg.eos_token_id}
-        self.last_prefill = 0  # tokens the latest add() / add_batch() ran through the model
         self._decode = torch.compile(model, dynamic=True) if compile else model
         # oneDNN's bf16 matrix-vector product runs at half the memory bandwidth of ATen's on CPUs
         # without native bf16 (docs/LOG.md); for several rows oneDNN is the faster one
@@ -416,7 +417,6 @@ class Engine:
                 state.seen[ids] = True
             if self.tokenizer is not None:
                 state.stream = TextStream(self.tokenizer, params.stop)
-        self.last_prefill = sum(len(ids) - keep for _, ids, keep, _ in rows)
         self._sample_rows(states, logits)
         return [slot for slot, *_ in rows]
 
@@ -544,20 +544,28 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill_rows(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
-        """Logits [len(rows), V] after each (slot, new ids, start) row's last new token. Several rows
-        go right-padded through one forward pass: padding keys land past each row's own tokens, where
-        the causal mask hides them until decoding overwrites them. Rows too uneven to pad (more than
-        half padding) or too close to the context's end take a pass each."""
+        """Logits [len(rows), V] after each (slot, new ids, start) row's last new token, in passes of
+        at most ``PREFILL_TOKENS`` padded tokens (which bounds a pass's activations)."""
+        out, group = [], []
+        for row in rows:
+            width = max(len(r[1]) for r in [*group, row])
+            if group and (len(group) + 1) * width > self.PREFILL_TOKENS:
+                out.append(self._prefill_pass(group))
+                group = []
+            group.append(row)
+        out.append(self._prefill_pass(group))
+        return torch.cat(out).float().cpu()
+
+    def _prefill_pass(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
+        """Several rows go right-padded through one forward pass: padding keys land past each row's
+        own tokens, where the causal mask hides them until decoding overwrites them. Rows too uneven
+        to pad (more than half padding) or too close to the context's end take a pass each."""
         width = max(len(ids) for _, ids, _ in rows)
         padded, real = width * len(rows), sum(len(ids) for _, ids, _ in rows)
         if len(rows) == 1 or padded > 2 * real + 64 or any(start + width > self.max_len for _, _, start in rows):
-            out = []
-            for slot, ids, start in rows:
-                cache = [c.view(slice(slot, slot + 1), self.max_len) for c in self.cache]
-                logits = self.model(torch.tensor([ids], device=self.device), cache=cache, start=start,
-                                    last_only=True, compute_dtype=self.prefill_dtype)
-                out.append(logits[0, -1])
-            return torch.stack(out).float().cpu()
+            return torch.cat([self._forward_rows(self.model, torch.tensor([ids], device=self.device), [start], [slot],
+                                                 last_only=True, compute_dtype=self.prefill_dtype)[:, -1]
+                              for slot, ids, start in rows])
         order = sorted(range(len(rows)), key=lambda i: rows[i][0])  # the cache wants ascending slots
         idx = torch.zeros(len(rows), width, dtype=torch.long)
         for r, i in enumerate(order):
@@ -567,7 +575,7 @@ class Engine:
                                     [rows[i][0] for i in order], logits_at=last, compute_dtype=self.prefill_dtype)
         out = torch.empty_like(logits[:, 0])
         out[torch.tensor(order, device=self.device)] = logits[:, 0]
-        return out.float().cpu()
+        return out
 
     @torch.inference_mode()
     def _decode_step(self, running: list[int], states: list[_Slot]) -> Tensor:
@@ -606,11 +614,8 @@ class _RowsCache:
         self.cache, self.rows, self.length = cache, rows, length
 
     def update(self, start: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
-        rows = self.rows[:, None]
+        self.cache.write_rows(self.rows, start, k, v)
         ck, cv = self.cache.k, self.cache.v
-        ck[rows, :, cols] = k.transpose(1, 2).to(ck.dtype)
-        cv[rows, :, cols] = v.transpose(1, 2).to(cv.dtype)
         return (ck[:, :, :self.length].index_select(0, self.rows).to(k.dtype),
                 cv[:, :, :self.length].index_select(0, self.rows).to(v.dtype))
 

@@ -105,7 +105,6 @@ class HavocModel(nn.Module):
         x = self.embed(idx)
         if compute_dtype is not None:
             x = x.to(compute_dtype)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in every layer
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start, mask)
         x = self.norm(x)

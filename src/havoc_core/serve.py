@@ -44,7 +44,6 @@ from havoc_core.generate import Completion, Engine, Quantize, SamplingParams
 from havoc_core.tokenizer import ROLES, render_chat
 
 MAX_BODY_BYTES = 1 << 20
-PREFILL_BATCH_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its activations)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 PAGE_HEADERS = {  # the chat page loads nothing from elsewhere and runs no inline script
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -198,15 +197,9 @@ class EngineLoop:
             if request.cancelled:
                 self.counts["aborted"] += 1
                 continue
-            width = max(len(r.ids) for _, r in [*batch, (slot, request)])
-            if batch and (len(batch) + 1) * width > PREFILL_BATCH_TOKENS:
-                self._prefill(batch)
-                batch = []
             batch.append((slot, request))
-        if batch:
-            self._prefill(batch)
-
-    def _prefill(self, batch: list[tuple[int, _Request]]) -> None:
+        if not batch:
+            return
         try:
             self.engine.add_batch([(r.ids, r.params, slot) for slot, r in batch])
         except Exception as e:  # validated before queueing, so this is a server fault
@@ -474,9 +467,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
         body = {"status": "ok" if ok else "stopped", "model": model_name, "context": context, **runner.stats()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    html = resources.files("havoc_core").joinpath("static/index.html").read_text(encoding="utf-8")  # read once
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        html = resources.files("havoc_core").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers={**PAGE_HEADERS, "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(packages=[("havoc_core", "static")]), name="static")
