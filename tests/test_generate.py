@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from havoc_core import AttentionConfig, HavocConfig, HavocError, HavocModel, MLPConfig
-from havoc_core.generate import Engine, SamplingParams, TextStream, prepare_model, sample_token
+from havoc_core.generate import (
+    Engine,
+    InferenceLinear,
+    SamplingParams,
+    TextStream,
+    cpu_has_native_bf16,
+    prepare_model,
+    sample_token,
+)
 from havoc_core.tokenizer import HavocTokenizer
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=24)
@@ -343,6 +351,35 @@ def test_prepared_fp32_model_fuses_projections_and_matches(model, tok):
     prompts = [prompt_ids(tok, t) for t in PROMPTS]
     assert [c.ids for c in Engine(fast, tok, max_batch=2).generate(prompts, GREEDY)] == \
         [c.ids for c in Engine(model, tok, max_batch=2).generate(prompts, GREEDY)]
+    if torch.backends.mkldnn.is_available():  # the engine decoded with oneDNN-packed matrices
+        assert fast.layers[0].attn.qkv_proj._onednn is not None and fast.lm_head._onednn is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_compute_the_same_product(dtype):
+    """``InferenceLinear.pack``: the oneDNN-packed product equals ``F.linear`` on 1 and 8 rows,
+    2-D and 3-D inputs, with a bias; bf16 single rows keep ATen's kernel (bit-identical)."""
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        pytest.skip("bf16 weights are packed only on CPUs with native bf16")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    layer = InferenceLinear(w, b)
+    layer.pack()
+    assert layer._onednn is not None
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    for shape in [(1, 64), (8, 64), (2, 3, 64), (8, 1, 64)]:
+        x = torch.randn(shape).to(dtype)
+        got, want = layer(x), torch.nn.functional.linear(x, w, b)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+    x = torch.randn(1, 1, 64).to(dtype)
+    if dtype == torch.bfloat16:
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+    quantized = InferenceLinear(w.float(), None, "int8")
+    quantized.pack()
+    assert quantized._onednn is None  # int8 matrices have their own (fbgemm) layout
 
 
 @pytest.mark.slow
