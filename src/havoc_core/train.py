@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -637,10 +638,15 @@ def plot_run(run_dir: str | Path) -> Path:
 
 def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     trainer = Trainer(cfg, resume=resume, progress=progress)
+    dist_env = trainer.dist
     try:
         return trainer.train()
     finally:
-        trainer.dist.close()
+        # the wrapped model and optimizer hold the process group: free them while the interpreter is
+        # whole, or gloo's threads may be torn down at exit ("terminate called", SIGABRT, LOG.md)
+        del trainer
+        gc.collect()
+        dist_env.close()
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 8, max_batches: int = 50,
