@@ -374,9 +374,20 @@ def test_packed_weights_compute_the_same_product(dtype):
         got, want = layer(x), torch.nn.functional.linear(x, w, b)
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got, want, **tol)
-    x = torch.randn(1, 1, 64).to(dtype)
-    if dtype == torch.bfloat16:
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+    if dtype == torch.bfloat16:  # same bf16 products and rounding: bit-identical, packed or not
+        for shape in [(8, 64), (1, 1, 64)]:
+            x = torch.randn(shape).to(dtype)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+    x = torch.randn(8, 64).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # edited in place: packed again
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, b), **tol)
+    twin = copy.deepcopy(layer)  # copies leave the opaque layout out
+    assert twin._onednn is None and layer._onednn is not None
+    torch.testing.assert_close(twin(x), layer(x), **tol)
+    layer.to(torch.float16)  # a dtype change drops the copy of the old weight
+    assert layer._onednn is None
+    torch.testing.assert_close(layer(x.half()), torch.nn.functional.linear(x.half(), layer.weight, layer.bias))
     quantized = InferenceLinear(w.float(), None, "int8")
     quantized.pack()
     assert quantized._onednn is None  # int8 matrices have their own (fbgemm) layout
@@ -384,7 +395,14 @@ def test_packed_weights_compute_the_same_product(dtype):
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(model, tok):
+    """Also on a prepared model an eager engine has packed: the compiled step does not trace the
+    packed product (Inductor cannot lower it)."""
     prompts = [prompt_ids(tok, t) for t in PROMPTS]
     eager = Engine(model, tok, max_batch=2).generate(prompts, GREEDY)
     compiled = Engine(model, tok, max_batch=2, compile=True).generate(prompts, GREEDY)
+    assert [c.ids for c in compiled] == [e.ids for e in eager]
+    fast = prepare_model(copy.deepcopy(model), torch.float32)
+    assert [c.ids for c in Engine(fast, tok, max_batch=2).generate(prompts, GREEDY)] == [e.ids for e in eager]
+    assert fast.lm_head._onednn is not None or not torch.backends.mkldnn.is_available()
+    compiled = Engine(fast, tok, max_batch=2, compile=True).generate(prompts, GREEDY)
     assert [c.ids for c in compiled] == [e.ids for e in eager]

@@ -220,13 +220,16 @@ class InferenceLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self._packed: Any = None  # fbgemm's layout of the int8 weight, made on first CPU use
         self._onednn: Tensor | None = None  # oneDNN's layout of a float weight, made by pack()
+        self._onednn_version: int | None = None  # the weight's version counter when it was packed
 
     def pack(self) -> None:
         """Keep a copy of the weight in oneDNN's blocked layout. A plain [out, in] weight is
         reordered inside every oneDNN matmul call: prepacked, an 8-row decode step of havoc-tiny
         and havoc-small runs 1.3-1.7x faster, fp32 single rows ~10% faster (docs/LOG.md). bf16
         single rows keep ATen's matrix-vector kernel, which streams a large weight faster. CPU
-        only, fp32 weights and bf16 ones on CPUs with native bf16; costs a second copy of the weight."""
+        only, fp32 weights and bf16 ones on CPUs with native bf16; costs a second copy of the weight.
+        The copy is dropped by ``.to()`` and copies of the module, and made again if the weight
+        is edited in place."""
         w = self.weight
         if self._onednn is not None or self.scale is not None or w.device.type != "cpu":
             return
@@ -236,11 +239,27 @@ class InferenceLinear(nn.Module):
             self._onednn = torch.ops.mkldnn._reorder_linear_weight(w, 32)  # layout tuned for batches of ~32 rows
         except (AttributeError, RuntimeError):  # a build without oneDNN
             self._onednn = None
+        self._onednn_version = _version(w)
+
+    def _use_packed(self, x: Tensor) -> bool:
+        if self._onednn is None or x.requires_grad or torch.compiler.is_compiling() or x.device.type != "cpu":
+            return False  # (no autograd for the packed product; Inductor cannot lower it)
+        if self._onednn_version is not None and _version(self.weight) != self._onednn_version:
+            self._onednn = None  # edited in place since it was packed
+            self.pack()
+        return x.dtype == torch.float32 or x.numel() > x.shape[-1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), ...: the layouts are of the old tensors
+        self._onednn, self._packed = None, None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the opaque layouts out
+        return {**super().__getstate__(), "_onednn": None, "_packed": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
             if self.weight.dtype == x.dtype:  # the decode step: no conversion
-                if self._onednn is not None and (x.dtype == torch.float32 or x.numel() > x.shape[-1]):
+                if self._use_packed(x):
                     return torch.ops.mkldnn._linear_pointwise(x, self._onednn, self.bias, "none", [], "")
                 return F.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -296,6 +315,14 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None,
     if model.lm_head is None:  # tied: shares the embedding's storage, or an int8 copy
         model.lm_head = InferenceLinear(model.embed.weight, None, quantize, dtype)
     return model
+
+
+def _version(t: Tensor) -> int | None:
+    """A tensor's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def pack_for_cpu(model: HavocModel) -> None:
@@ -378,6 +405,10 @@ class Engine:
     """Slot-based batch decoder over one preallocated KV cache (see the module docstring)."""
 
     PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass
+    # A batching engine prepacks its matrices for oneDNN (InferenceLinear.pack: a second copy of the
+    # weights). A single stream gains only in fp32 (~10-20%), so there it packs small models only:
+    # bf16 chat, and fp32 chat of a big model, keep one copy of the weights.
+    PACK_FP32_SINGLE_BELOW = 50_000_000
 
     def __init__(self, model: HavocModel, tokenizer: Any = None, *, max_batch: int = 1,
                  prefill_dtype: torch.dtype | None = None, compile: bool = False) -> None:
@@ -390,8 +421,9 @@ class Engine:
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model)
         self.stop_ids = {cfg.eos_token_id}
         self._decode = torch.compile(model, dynamic=True) if compile else model
-        if not compile and (max_batch > 1 or model.embed.weight.dtype == torch.float32):
-            pack_for_cpu(model)  # bf16 single rows do not use the packed copy: chat keeps one copy of the weights
+        fp32 = model.embed.weight.dtype == torch.float32
+        if not compile and (max_batch > 1 or (fp32 and model.num_parameters() < self.PACK_FP32_SINGLE_BELOW)):
+            pack_for_cpu(model)
         # oneDNN's bf16 matrix-vector product runs at half the memory bandwidth of ATen's on CPUs
         # without native bf16 (docs/LOG.md); for several rows oneDNN is the faster one
         self._single_row_no_onednn = self.device.type == "cpu" and model.embed.weight.dtype != torch.float32

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import tomllib
+import traceback
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -641,6 +642,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     dist_env = trainer.dist
     try:
         return trainer.train()
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # its frames would keep the trainer alive (see below)
+        raise
     finally:
         # the wrapped model and optimizer hold the process group: free them while the interpreter is
         # whole, or gloo's threads may be torn down at exit ("terminate called", SIGABRT, LOG.md)
