@@ -353,6 +353,9 @@ def test_prepared_fp32_model_fuses_projections_and_matches(model, tok):
         [c.ids for c in Engine(model, tok, max_batch=2).generate(prompts, GREEDY)]
     if torch.backends.mkldnn.is_available():  # the engine decoded with oneDNN-packed matrices
         assert fast.layers[0].attn.qkv_proj._onednn is not None and fast.lm_head._onednn is not None
+    plain = prepare_model(copy.deepcopy(model), torch.float32)
+    Engine(plain, tok, max_batch=2, pack=False)  # `havoc serve --no-prepack`: one copy of the weights
+    assert all(getattr(m, "_onednn", None) is None for m in plain.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -465,7 +465,8 @@ def test_cli_serve_on_a_free_port(checkpoint):
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {MODEL} ") and "http://127.0.0.1:" in line, line
-        assert "4 slots, 1 torch thread)" in line, line
+        assert "4 slots, 1 torch thread" in line, line
+        assert ("prepacked weights" in line) == torch.backends.mkldnn.is_available(), line  # a batching engine
         url = line.split("http://")[1].split()[0]
         deadline = time.monotonic() + 60
         while True:
@@ -482,6 +483,13 @@ def test_cli_serve_on_a_free_port(checkpoint):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+
+
+def test_cli_serve_prepack_flag():
+    from havoc_core.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "ckpt"]).prepack is None  # the engine decides
+    assert build_parser().parse_args(["serve", "ckpt", "--no-prepack"]).prepack is False
 
 
 def test_cli_serve_refuses_a_port_in_use(checkpoint, server):

@@ -257,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("HAVOC_API_KEY")
     return serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
                  max_batch=args.max_batch, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                 threads=args.threads)
+                 threads=args.threads, pack=args.prepack)
 
 
 # --------------------------------------------------------------------------- parser
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--threads", type=int, help="torch threads for the model on CPU (default: $OMP_NUM_THREADS, "
                    "else one per core but one, which the HTTP side needs)")
+    p.add_argument("--no-prepack", dest="prepack", action="store_false", default=None,
+                   help="on CPU, do not keep a copy of the matrices prepacked for oneDNN: half the weight memory, "
+                   "slower batched decoding (docs/SERVING.md)")
 
     return parser
 

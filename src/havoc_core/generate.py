@@ -411,7 +411,8 @@ class Engine:
     PACK_FP32_SINGLE_BELOW = 50_000_000
 
     def __init__(self, model: HavocModel, tokenizer: Any = None, *, max_batch: int = 1,
-                 prefill_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+                 prefill_dtype: torch.dtype | None = None, compile: bool = False, pack: bool | None = None) -> None:
+        """``pack``: prepack the matrices for oneDNN on CPU (default: when batching, see above)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_len = cfg.max_seq_len
@@ -421,8 +422,10 @@ class Engine:
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model)
         self.stop_ids = {cfg.eos_token_id}
         self._decode = torch.compile(model, dynamic=True) if compile else model
-        fp32 = model.embed.weight.dtype == torch.float32
-        if not compile and (max_batch > 1 or (fp32 and model.num_parameters() < self.PACK_FP32_SINGLE_BELOW)):
+        if pack is None:
+            fp32 = model.embed.weight.dtype == torch.float32
+            pack = max_batch > 1 or (fp32 and model.num_parameters() < self.PACK_FP32_SINGLE_BELOW)
+        if pack and not compile:
             pack_for_cpu(model)
         # oneDNN's bf16 matrix-vector product runs at half the memory bandwidth of ATen's on CPUs
         # without native bf16 (docs/LOG.md); for several rows oneDNN is the faster one

@@ -352,9 +352,9 @@ class _Prepared:
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key: str | None = None,
-               max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES, pack: bool | None = None) -> FastAPI:
     """The ASGI app for one model; its engine thread runs while the app does (lifespan)."""
-    runner = EngineLoop(Engine(model, tokenizer, max_batch=max_batch))
+    runner = EngineLoop(Engine(model, tokenizer, max_batch=max_batch, pack=pack))
     context = model.config.max_seq_len
     created = int(time.time())
     chat_stop_ids = [tokenizer.bos_id, tokenizer.pad_id, *(tokenizer.role_id(r) for r in ROLES)]
@@ -623,7 +623,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 32, device: str = "auto",
-          dtype: str = "auto", quantize: Quantize | None = None, threads: int | None = None) -> int:
+          dtype: str = "auto", quantize: Quantize | None = None, threads: int | None = None,
+          pack: bool | None = None) -> int:
     """Load a checkpoint and serve it until Ctrl-C (or SIGTERM); exit status 0."""
     import uvicorn
 
@@ -637,12 +638,14 @@ def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port
     torch.set_num_threads(serving_threads(threads))
     loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     name = model_name or model_id(loaded.path)
-    app = create_app(loaded.model, loaded.tokenizer, model_name=name, api_key=api_key or None, max_batch=max_batch)
+    app = create_app(loaded.model, loaded.tokenizer, model_name=name, api_key=api_key or None, max_batch=max_batch,
+                     pack=pack)
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     n = torch.get_num_threads()
+    packed = any(getattr(m, "_onednn", None) is not None for m in loaded.model.modules())
     print(f"serving {name} ({format_params(loaded.n_params)} parameters, {max_batch} slots, {n} torch "
-          f"thread{'s' * (n > 1)}) at "
+          f"thread{'s' * (n > 1)}{', prepacked weights' * packed}) at "
           f"http://{shown}:{sock.getsockname()[1]}  (chat page at /, OpenAI API at /v1)", flush=True)
     if not is_loopback(host) and not api_key:
         print("warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
