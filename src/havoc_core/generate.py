@@ -218,7 +218,7 @@ class InferenceLinear(nn.Module):
         self.register_buffer("weight", weight.detach() if quantize else weight.detach().to(dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
-        self._packed: Any = None  # fbgemm's layout of the int8 weight, made on first CPU use
+        self._fbgemm: Any = None  # fbgemm's layout of an int8 weight, made on first CPU use
         self._onednn: Tensor | None = None  # oneDNN's layout of a float weight, made by pack()
         self._onednn_version: int | None = None  # the weight's version counter when it was packed
 
@@ -237,9 +237,9 @@ class InferenceLinear(nn.Module):
             return
         try:
             self._onednn = torch.ops.mkldnn._reorder_linear_weight(w, 32)  # layout tuned for batches of ~32 rows
+            self._onednn_version = _version(w)
         except (AttributeError, RuntimeError):  # a build without oneDNN
             self._onednn = None
-        self._onednn_version = _version(w)
 
     def _use_packed(self, x: Tensor) -> bool:
         if self._onednn is None or x.requires_grad or torch.compiler.is_compiling() or x.device.type != "cpu":
@@ -250,11 +250,11 @@ class InferenceLinear(nn.Module):
         return x.dtype == torch.float32 or x.numel() > x.shape[-1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), ...: the layouts are of the old tensors
-        self._onednn, self._packed = None, None
+        self._onednn, self._fbgemm = None, None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the opaque layouts out
-        return {**super().__getstate__(), "_onednn": None, "_packed": None}
+        return {**super().__getstate__(), "_onednn": None, "_fbgemm": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale is None:
@@ -263,25 +263,25 @@ class InferenceLinear(nn.Module):
                     return torch.ops.mkldnn._linear_pointwise(x, self._onednn, self.bias, "none", [], "")
                 return F.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if x.device.type == "cpu" and x.numel() <= self.DECODE_ROWS * x.shape[-1] and self._pack():
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._packed, True)
+        if x.device.type == "cpu" and x.numel() <= self.DECODE_ROWS * x.shape[-1] and self._fbgemm_ready():
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._fbgemm, True)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _pack(self) -> bool:
+    def _fbgemm_ready(self) -> bool:
         """Pack the int8 weight for the CPU kernel once; False where no quantized engine exists."""
-        if self._packed is None:
+        if self._fbgemm is None:
             try:
                 zeros = torch.zeros(self.weight.shape[0], dtype=torch.long)
                 with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels not (yet)
                     warnings.simplefilter("ignore", UserWarning)
                     q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zeros, 0)
                 bias = None if self.bias is None else self.bias.float()
-                self._packed = torch.ops.quantized.linear_prepack(q, bias)
+                self._fbgemm = torch.ops.quantized.linear_prepack(q, bias)
             except (RuntimeError, NotImplementedError):
-                self._packed = False
-        return self._packed is not False
+                self._fbgemm = False
+        return self._fbgemm is not False
 
 
 class _CastRMSNorm(nn.RMSNorm):
@@ -330,6 +330,11 @@ def pack_for_cpu(model: HavocModel) -> None:
     for module in model.modules():
         if isinstance(module, InferenceLinear):
             module.pack()
+
+
+def is_packed(model: HavocModel) -> bool:
+    """Whether ``pack_for_cpu`` left a packed copy of any matrix (it doubles their memory)."""
+    return any(isinstance(m, InferenceLinear) and m._onednn is not None for m in model.modules())
 
 
 def default_prefill_dtype(model: HavocModel) -> torch.dtype:

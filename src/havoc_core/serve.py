@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 
 from havoc_core.errors import HavocError
-from havoc_core.generate import Completion, Engine, Quantize, SamplingParams
+from havoc_core.generate import Completion, Engine, Quantize, SamplingParams, is_packed
 from havoc_core.tokenizer import ROLES, render_chat
 
 MAX_BODY_BYTES = 1 << 20
@@ -643,7 +643,7 @@ def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     n = torch.get_num_threads()
-    packed = any(getattr(m, "_onednn", None) is not None for m in loaded.model.modules())
+    packed = is_packed(loaded.model)
     print(f"serving {name} ({format_params(loaded.n_params)} parameters, {max_batch} slots, {n} torch "
           f"thread{'s' * (n > 1)}{', prepacked weights' * packed}) at "
           f"http://{shown}:{sock.getsockname()[1]}  (chat page at /, OpenAI API at /v1)", flush=True)
