@@ -33,8 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from havoc_core import HavocModel, get_preset
-from havoc_core.generate import Engine, SamplingParams, cpu_has_native_bf16, default_prefill_dtype, prepare_model
-from havoc_core.hf import to_llama
+from havoc_core.builtin_corpus import builtin_documents
+from havoc_core.checkpoint import save_model
+from havoc_core.data import open_split
+from havoc_core.engine import Engine
+from havoc_core.hf import export, to_llama
+from havoc_core.inference import prepare_model
+from havoc_core.model import load_model
+from havoc_core.precision import cpu_has_native_bf16, prefill_dtype
+from havoc_core.sampling import SamplingParams
+from havoc_core.tokenizer import HavocTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPT_LEN, PREFILL_LEN = 32, 512
@@ -59,7 +67,7 @@ def weight_bytes(model: HavocModel) -> int:
     tied = model.lm_head is None
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "rope" or (name == "embed.weight" and not tied):
+        if name == "embed.weight" and not tied:
             continue
         total += t.numel() * t.element_size()
     return total
@@ -124,11 +132,6 @@ def startup_seconds(command: list[str], expect: str) -> float:
 
 def startup(model: HavocModel, preset: str, dtype: str) -> dict:
     """Process start -> `You:` for `havoc chat`, and -> loaded for transformers, same weights on disk."""
-    from havoc_core.checkpoint import save_model
-    from havoc_core.corpus import builtin_documents
-    from havoc_core.hf import export
-    from havoc_core.tokenizer import HavocTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         tok = HavocTokenizer.train(builtin_documents(), vocab_size=model.config.vocab_size, show_progress=False)
         ckpt = save_model(Path(tmp) / "ckpt", model, tokenizer=tok)
@@ -149,9 +152,6 @@ def val_losses(checkpoint: str, data: str, windows: int = 8, seq_len: int = 256)
     fbgemm's int8 kernel with 8-bit activations for int8)."""
     import numpy as np
 
-    from havoc_core.checkpoint import load_model
-    from havoc_core.data import open_split
-
     stream = np.concatenate([np.asarray(s) for s in open_split(data, "val")]).astype(np.int64)
     n = min(windows, (len(stream) - 1) // seq_len)
     tokens = torch.from_numpy(stream[: n * seq_len + 1])
@@ -162,9 +162,11 @@ def val_losses(checkpoint: str, data: str, windows: int = 8, seq_len: int = 256)
     out = {}
     with torch.inference_mode():
         for name, m in models.items():
-            prefill = float(m(x, y, compute_dtype=torch.float32))
+            rows = list(range(n))
+            whole = m(x, cache=m.make_cache(n, seq_len).view(rows, [0] * n, dtype=torch.float32))
+            prefill = float(F.cross_entropy(whole.float().flatten(0, 1), y.flatten()))
             cache = m.make_cache(n, seq_len)
-            logits = torch.cat([m(x[:, t : t + 1], cache=cache, start=t) for t in range(seq_len)], dim=1)
+            logits = torch.cat([m(x[:, t : t + 1], cache=cache.view(rows, [t] * n)) for t in range(seq_len)], dim=1)
             decode = float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
             out[name] = {"prefill_path": prefill, "decode_path": decode}
     return out
@@ -210,7 +212,10 @@ def main() -> None:
         # a checkpoint of the plain model (a prepared one has fused matrices no checkpoint holds)
         started = startup(model, preset, args.dtype) if args.startup and preset != "havoc-2b" else None
         hf = to_llama(model)  # shares the weight tensors
-        prepare_model(model, dtype)  # inference modules; q/k/v and gate/up fused (copies of those matrices)
+        # inference modules; q/k/v and gate/up fused (copies of those matrices); prepacked for oneDNN as
+        # `havoc serve` does (bf16 single rows never use the packed copy; fp32 ones do, as `havoc chat` of a
+        # model under 50M parameters)
+        prepare_model(model, dtype, pack=True)
         vocab = model.config.vocab_size
         row: dict = {"params": model.config.num_parameters()}
         bound = bandwidth * 1e9 / weight_bytes(model)
@@ -243,7 +248,8 @@ def main() -> None:
         ours = havoc_prefill(model, long_ids, args.repeat)
         theirs = min(hf_run(hf, long_ids, 1) for _ in range(args.hf_prefill_repeat))
         row["prefill_512"] = {"havoc_s": ours, "hf_s": theirs, "ratio": theirs / ours}
-        row["prefill_512"]["havoc_compute_dtype"] = str(default_prefill_dtype(model)).replace("torch.", "")
+        used = prefill_dtype(model.embed.weight.dtype, model.embed.weight.device)
+        row["prefill_512"]["havoc_compute_dtype"] = str(used).replace("torch.", "")
         print(f"{preset} prefill {long_ids.shape[1]}: HAVOC {ours:.2f} s ({row['prefill_512']['havoc_compute_dtype']} "
               f"compute), transformers {theirs:.2f} s "
               f"({args.dtype}), {theirs / ours:.1f}x faster", flush=True)

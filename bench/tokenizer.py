@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from havoc_core.corpus import builtin_documents
+from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.tokenizer import HavocTokenizer
 
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

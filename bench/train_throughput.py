@@ -22,7 +22,8 @@ import torch
 
 from havoc_core import HavocModel, get_preset
 from havoc_core.hf import to_llama
-from havoc_core.train import peak_flops, training_dtype
+from havoc_core.metrics import peak_flops
+from havoc_core.precision import training_dtype
 
 SHAPES = {"havoc-tiny": (16, 256), "havoc-small": (4, 256), "havoc-2b": (8, 1024)}
 

@@ -13,11 +13,11 @@ import pexpect
 import pytest
 import torch
 
-from havoc_core import AttentionConfig, HavocConfig, HavocError, HavocModel, MLPConfig
+from havoc_core import HavocError
 from havoc_core.chat import ChatSession, answer_questions
 from havoc_core.checkpoint import save_model
 from havoc_core.cli import main
-from havoc_core.generate import SamplingParams
+from havoc_core.sampling import SamplingParams
 from havoc_core.tokenizer import HavocTokenizer, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,30 +28,17 @@ LONG_PROMPT = "Tell me everything about the import statement"
 
 
 @pytest.fixture(scope="module")
-def tok() -> HavocTokenizer:
-    from pydoc_data.topics import topics
-
-    return HavocTokenizer.train([topics[k] for k in sorted(topics)], vocab_size=1024, show_progress=False)
-
-
-def tiny(max_seq_len: int) -> HavocModel:
-    torch.manual_seed(0)
-    cfg = HavocConfig(vocab_size=1024, d_model=64, num_layers=2, max_seq_len=max_seq_len, initializer_range=0.3,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=2), mlp=MLPConfig(hidden_dim=128))
-    return HavocModel(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def short_ckpt(tok, tmp_path_factory) -> Path:
+def short_ckpt(tok, tiny_model, tmp_path_factory) -> Path:
     """A 128-token context: a few turns overflow it."""
-    return save_model(tmp_path_factory.mktemp("short") / "checkpoint_step_1", tiny(128), tokenizer=tok)
+    model = tiny_model(max_seq_len=128)
+    return save_model(tmp_path_factory.mktemp("short") / "checkpoint_step_1", model, tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
-def long_ckpt(tok, tmp_path_factory) -> Path:
+def long_ckpt(tok, tiny_model, tmp_path_factory) -> Path:
     """A 4096-token context, and a prompt whose greedy reply is long enough to interrupt (the
     special tokens' tied embeddings are scaled down, so their logits stay near 0: no early stop)."""
-    model = tiny(4096)
+    model = tiny_model(max_seq_len=4096)
     with torch.no_grad():
         model.embed.weight[:6] *= 0.01
     session = ChatSession(model, tok, params=SamplingParams(temperature=0.0, max_new_tokens=1500))
@@ -62,15 +49,15 @@ def long_ckpt(tok, tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- the session, in-process
 
-def test_prompt_is_the_shared_chat_format(tok):
-    session = ChatSession(tiny(128), tok, system="Be brief.", params=GREEDY)
+def test_prompt_is_the_shared_chat_format(tok, tiny_model):
+    session = ChatSession(tiny_model(max_seq_len=128), tok, system="Be brief.", params=GREEDY)
     session.turns.append(({"role": "user", "content": "héllo 😀"}, session._message_ids("user", "héllo 😀")))
     assert session.prompt_ids() == render_chat(tok, session.messages, add_generation_prompt=True)[0]
 
 
-def test_each_turn_prefills_only_its_new_tokens(tok):
+def test_each_turn_prefills_only_its_new_tokens(tok, tiny_model):
     """The KV cache is kept across turns: time to first token does not grow with the conversation."""
-    session = ChatSession(tiny(4096), tok, system="You answer questions about Python.", params=GREEDY)
+    session = ChatSession(tiny_model(max_seq_len=4096), tok, system="You answer questions about Python.", params=GREEDY)
     prefills = []
     for i in range(12):
         question = f"Question number {i}: what does the with statement do?"
@@ -84,8 +71,8 @@ def test_each_turn_prefills_only_its_new_tokens(tok):
     assert len(cached) > 250 and cached == session.prompt_ids()[: len(cached)]
 
 
-def test_overflow_drops_oldest_turns_keeps_system_and_says_so_once(tok):
-    session = ChatSession(tiny(128), tok, system="Be brief.", params=GREEDY)
+def test_overflow_drops_oldest_turns_keeps_system_and_says_so_once(tok, tiny_model):
+    session = ChatSession(tiny_model(max_seq_len=128), tok, system="Be brief.", params=GREEDY)
     notices = []
     for i in range(60):
         session.ask(f"turn {i} 中文 😀")
@@ -98,15 +85,15 @@ def test_overflow_drops_oldest_turns_keeps_system_and_says_so_once(tok):
     assert session.turns[-2][0]["content"] == "turn 59 中文 😀"
 
 
-def test_a_message_longer_than_the_context_is_cut(tok):
-    session = ChatSession(tiny(128), tok, params=GREEDY)
+def test_a_message_longer_than_the_context_is_cut(tok, tiny_model):
+    session = ChatSession(tiny_model(max_seq_len=128), tok, params=GREEDY)
     reply = session.ask("word " * 5000)
     assert isinstance(reply, str) and "only its last" in session.notices[0]
     assert session.last_reply().prompt_tokens <= 128 - GREEDY.max_new_tokens
 
 
-def test_bad_values_leave_the_session_usable(tok):
-    session = ChatSession(tiny(128), tok, params=GREEDY)
+def test_bad_values_leave_the_session_usable(tok, tiny_model):
+    session = ChatSession(tiny_model(max_seq_len=128), tok, params=GREEDY)
     for change in [{"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}]:
         with pytest.raises(HavocError):
             session.set_params(**change)
@@ -220,11 +207,11 @@ def error_of(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_bad_checkpoints(tmp_path, tok, short_ckpt, capsys, monkeypatch):
+def test_bad_checkpoints(tmp_path, tok, short_ckpt, capsys, monkeypatch, tiny_model):
     assert "no such checkpoint" in error_of(capsys, ["chat", str(tmp_path / "nope")])
-    bare = save_model(tmp_path / "bare", tiny(64))
+    bare = save_model(tmp_path / "bare", tiny_model(max_seq_len=64))
     assert "tokenizer.json" in error_of(capsys, ["chat", str(bare)])
-    broken = save_model(tmp_path / "broken", tiny(64), tokenizer=tok)
+    broken = save_model(tmp_path / "broken", tiny_model(max_seq_len=64), tokenizer=tok)
     (broken / "model.safetensors").write_bytes(b"\x00" * 100)
     assert "model.safetensors" in error_of(capsys, ["smoke", str(broken)])
     config = json.loads((short_ckpt / "config.json").read_text())
@@ -240,7 +227,7 @@ def test_bad_checkpoints(tmp_path, tok, short_ckpt, capsys, monkeypatch):
     assert "top_p" in error_of(capsys, ["chat", str(short_ckpt), "--top-p", "2", "--prompt", "x"])
 
 
-def test_generate_and_smoke(short_ckpt, tmp_path, capsys):
+def test_generate_and_smoke(short_ckpt, tmp_path, capsys, tiny_model):
     assert main(["generate", str(short_ckpt), "--prompt", "The import statement", "--temperature", "0",
                  "--max-new-tokens", "10"]) == 0
     out = capsys.readouterr()
@@ -248,7 +235,7 @@ def test_generate_and_smoke(short_ckpt, tmp_path, capsys):
     assert main(["smoke", str(short_ckpt)]) == 0
     out = capsys.readouterr().out
     assert out.count("HAVOC: ") == 3 and len(re.findall(r"\n\[\d+ tokens in [\d.]+ s: [\d.]+ tokens/s\]", out)) == 3
-    nan = tiny(128)
+    nan = tiny_model(max_seq_len=128)
     with torch.no_grad():
         nan.layers[0].mlp.w2.weight.fill_(float("nan"))
     save_model(tmp_path / "nan", nan, tokenizer=HavocTokenizer.load(short_ckpt))

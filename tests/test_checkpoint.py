@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from havoc_core import AttentionConfig, CheckpointError, HavocConfig, HavocModel, MLPConfig
-from havoc_core.checkpoint import find_checkpoint, load_model, save_model
+from havoc_core.checkpoint import find_checkpoint, save_model
+from havoc_core.model import load_model
 
 
 def notes_like_config(**kw) -> HavocConfig:

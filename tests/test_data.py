@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from havoc_core import HavocError
+from havoc_core.builtin_corpus import builtin_conversations, builtin_documents
 from havoc_core.cli import main
-from havoc_core.corpus import builtin_conversations, builtin_documents
 from havoc_core.data import (
     MANIFEST,
     load_conversations,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from havoc_core import cli
 from havoc_core.attention import AttentionConfig
-from havoc_core.checkpoint import load_model, save_model
+from havoc_core.checkpoint import save_model
 from havoc_core.config import HavocConfig
 from havoc_core.errors import HavocError
 from havoc_core.hf import (
@@ -27,7 +27,7 @@ from havoc_core.hf import (
     to_llama_config,
 )
 from havoc_core.mlp import MLPConfig
-from havoc_core.model import HavocModel
+from havoc_core.model import HavocModel, load_model
 from havoc_core.tokenizer import HavocTokenizer, render_chat
 
 transformers = pytest.importorskip("transformers")

@@ -26,13 +26,13 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
-from havoc_core import AttentionConfig, HavocConfig, HavocModel, MLPConfig
-from havoc_core.checkpoint import save_model
-from havoc_core.generate import Engine, SamplingParams, load_for_inference
+from havoc_core import HavocModel
+from havoc_core.engine import Engine
+from havoc_core.inference import load_for_inference
+from havoc_core.sampling import SamplingParams
 from havoc_core.serve import create_app, listen, serving_threads
-from havoc_core.tokenizer import SPECIAL_TOKENS, HavocTokenizer, render_chat
+from havoc_core.tokenizer import render_chat
 
 CONTEXT = 256
 MODEL = "tiny-test"
@@ -40,63 +40,20 @@ KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "What does the import statement do?"}]
 
 
-def make_checkpoint(path: Path) -> Path:
-    from pydoc_data.topics import topics
-
-    tok = HavocTokenizer.train([topics[k] for k in sorted(topics)], vocab_size=1024, show_progress=False)
-    torch.manual_seed(0)
-    cfg = HavocConfig(vocab_size=1024, d_model=64, num_layers=2, max_seq_len=CONTEXT, initializer_range=0.3,
-                      tie_word_embeddings=False, attention=AttentionConfig(num_heads=4, num_kv_heads=2),
-                      mlp=MLPConfig(hidden_dim=128))
-    model = HavocModel(cfg)
-    n = len(SPECIAL_TOKENS)
-    with torch.no_grad():  # channel 0: a constant 3 that no block writes to; only special rows read it
-        model.embed.weight[:, 0] = 3.0
-        for layer in model.layers:
-            layer.attn.o_proj.weight[0] = 0.0
-            layer.mlp.w2.weight[0] = 0.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[:n] = 0.0
-        model.lm_head.weight[:n, 0] = -100.0
-    return save_model(path, model, tokenizer=tok)
-
-
-class Server:
-    """A real uvicorn server for ``app`` on a free loopback port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = listen("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
+def checkpoint(endless_checkpoint) -> Path:
+    return endless_checkpoint
 
 
 @pytest.fixture(scope="session")
 def loaded(checkpoint):
-    return load_for_inference(checkpoint)
+    return load_for_inference(checkpoint, pack=True)  # as `havoc serve` loads it for batching
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
+def server(loaded, serving):
     model, tok = loaded
-    with Server(create_app(model, tok, model_name=MODEL, max_batch=32, max_body_bytes=64 * 1024)) as s:
+    with serving(create_app(model, tok, model_name=MODEL, max_batch=32, max_body_bytes=64 * 1024)) as s:
         yield s
 
 
@@ -294,7 +251,7 @@ def test_non_streaming_client_disconnect_stops_its_request(server):
     assert h["requests"]["aborted"] == before["aborted"] + 1 and h["requests"]["completed"] == before["completed"]
 
 
-def test_more_requests_than_slots_wait_their_turn(loaded, client):
+def test_more_requests_than_slots_wait_their_turn(loaded, serving, client):
     model, tok = loaded
     asks = [dict(model=MODEL, messages=[{"role": "user", "content": f"Question {i}"}], temperature=1.0, seed=i,
                  max_tokens=5 + 3 * i) for i in range(6)]
@@ -305,7 +262,7 @@ def test_more_requests_than_slots_wait_their_turn(loaded, client):
             done = await asyncio.gather(*(c.chat.completions.create(**a) for a in asks))
         return [d.choices[0].message.content for d in done]
 
-    with Server(create_app(model, tok, model_name=MODEL, max_batch=2)) as s:
+    with serving(create_app(model, tok, model_name=MODEL, max_batch=2)) as s:
         assert asyncio.run(run(s.url)) == expected
         h = health(s)
         assert h["requests"]["completed"] == 6 and h["batch_peak"] <= 2 and h["slots"] == 2
@@ -412,9 +369,9 @@ def test_bad_requests_during_a_stream_do_not_disturb_it(server, client):
 
 # --------------------------------------------------------------------------- API key, failures
 
-def test_api_key_required_when_set(loaded):
+def test_api_key_required_when_set(loaded, serving):
     model, tok = loaded
-    with Server(create_app(model, tok, model_name=MODEL, api_key=KEY, max_batch=2)) as s:
+    with serving(create_app(model, tok, model_name=MODEL, api_key=KEY, max_batch=2)) as s:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = httpx.post(s.url + "/v1/chat/completions", json=chat(max_tokens=2), headers=headers, timeout=30)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
@@ -426,12 +383,12 @@ def test_api_key_required_when_set(loaded):
         assert httpx.get(s.url + "/", timeout=10).status_code == 200  # the page asks for the key itself
 
 
-def test_a_broken_model_fails_its_requests_but_not_the_server(loaded):
+def test_a_broken_model_fails_its_requests_but_not_the_server(loaded, serving):
     model, tok = loaded
     broken = HavocModel(model.config).eval()
     with torch.no_grad():
         broken.norm.weight.fill_(float("nan"))
-    with Server(create_app(broken, tok, model_name=MODEL, max_batch=2)) as s:
+    with serving(create_app(broken, tok, model_name=MODEL, max_batch=2)) as s:
         r = post(s, "/v1/chat/completions", chat(max_tokens=3))
         assert r.status_code == 500 and "NaN" in r.json()["error"]["message"]
         assert r.json()["error"]["type"] == "server_error"

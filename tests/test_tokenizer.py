@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from havoc_core import HavocConfig, HavocError, get_preset
-from havoc_core.corpus import builtin_documents
+from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.tokenizer import (
     CHAT_TEMPLATE,
     ROLES,

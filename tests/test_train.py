@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from havoc_core import AttentionConfig, HavocConfig, HavocError, HavocModel, MLPConfig
-from havoc_core.checkpoint import list_checkpoints, load_model, save_model
-from havoc_core.model import IGNORE_INDEX
-from havoc_core.train import SFTBatches, TrainConfig, read_metrics, run_training
+from havoc_core.batches import SFTBatches
+from havoc_core.checkpoint import list_checkpoints, save_model
+from havoc_core.metrics import read_metrics
+from havoc_core.model import IGNORE_INDEX, load_model
+from havoc_core.train import run_training
+from havoc_core.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -299,13 +302,3 @@ def test_save_model_then_sft_init_from_checkpoint_dir(prepared, tmp_path):
                                     out_dir=str(tmp_path / "sft"), max_steps=2, batch_size=2, eval_every=2,
                                     eval_batches=1, save_every=2), progress=False)
     assert last["step"] == 2
-
-
-def test_training_dtype_follows_the_hardware():
-    from havoc_core.generate import cpu_has_native_bf16
-    from havoc_core.train import training_dtype
-
-    cpu = torch.device("cpu")
-    assert training_dtype("float32", cpu) == torch.float32 and training_dtype("bfloat16", cpu) == torch.bfloat16
-    assert training_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    assert training_dtype("auto", torch.device("cuda")) == torch.bfloat16

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_serve import KEY, MODEL, Server, make_checkpoint
 
-from havoc_core.generate import load_for_inference
+from havoc_core.inference import load_for_inference
 from havoc_core.serve import create_app
 
+MODEL = "tiny-test"
+KEY = "sk-test-key"
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -35,8 +36,8 @@ REPLY_TEXT = """(el) => [...el.childNodes].filter((n) => n.nodeType === Node.TEX
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(make_checkpoint(tmp_path_factory.mktemp("web") / "ckpt"))
+def loaded(endless_checkpoint):
+    return load_for_inference(endless_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,9 @@ def send(page, text: str, turn: int) -> str:
     return reply.evaluate(REPLY_TEXT)
 
 
-def test_type_a_message_and_see_the_reply_stream_in(loaded, browser, tmp_path):
+def test_type_a_message_and_see_the_reply_stream_in(loaded, browser, tmp_path, serving):
     model, tok = loaded
-    with Server(create_app(model, tok, model_name=MODEL)) as server:
+    with serving(create_app(model, tok, model_name=MODEL)) as server:
         api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         page = browser.new_page()
         errors: list[str] = []
@@ -98,9 +99,9 @@ def test_type_a_message_and_see_the_reply_stream_in(loaded, browser, tmp_path):
         page.close()
 
 
-def test_page_asks_for_the_api_key_and_shows_errors(loaded, browser, tmp_path):
+def test_page_asks_for_the_api_key_and_shows_errors(loaded, browser, tmp_path, serving):
     model, tok = loaded
-    with Server(create_app(model, tok, model_name=MODEL, api_key=KEY)) as server:
+    with serving(create_app(model, tok, model_name=MODEL, api_key=KEY)) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         page.locator("#model", has_text="API key").wait_for(timeout=TIMEOUT_MS)

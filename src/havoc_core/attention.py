@@ -1,8 +1,10 @@
-"""Grouped-query attention with rotary position embeddings (RoPE) and an optional KV cache."""
+"""Grouped-query attention with rotary position embeddings (RoPE), reading and writing a KV cache."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,8 @@ from torch import Tensor, nn
 
 @dataclass
 class AttentionConfig:
-    """Attention shape. ``head_dim``/``rotary_dim`` of None are resolved by ``HavocConfig``
-    (to d_model // num_heads and to head_dim) and then stored explicitly in config.json."""
+    """Attention shape. ``head_dim`` None means d_model // num_heads and ``rotary_dim`` None means
+    the whole head; ``HavocConfig`` stores the resolved values, so config.json is explicit."""
 
     num_heads: int = 24
     head_dim: int | None = None
@@ -22,12 +24,28 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     bias: bool = False
 
+    def dims(self, d_model: int) -> tuple[int, int]:
+        """``(head_dim, rotary_dim)`` for a model of width ``d_model``, defaults applied."""
+        head = self.head_dim if self.head_dim is not None else d_model // max(self.num_heads, 1)
+        return head, self.rotary_dim if self.rotary_dim is not None else head
 
-def rope_tables(rotary_dim: int, theta: float, max_len: int, device: torch.device | None = None) -> Tensor:
-    """cos/sin for every position, shape [max_len, 2, rotary_dim // 2], computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=1)
+    def resolved(self, d_model: int) -> AttentionConfig:
+        """This config with ``head_dim`` and ``rotary_dim`` filled in (left None while num_heads is
+        not positive, so that validation can name the real error)."""
+        if self.num_heads <= 0:
+            return self
+        head, rotary = self.dims(d_model)
+        return dataclasses.replace(self, head_dim=head, rotary_dim=rotary)
+
+
+def rope_cos_sin(positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of every position's angles, [..., T, rotary_dim // 2], computed in float32 from the
+    positions themselves: no table sized by the context length (an absurd max_seq_len allocates
+    nothing), and the angles stay exact whatever dtype the model was cast to."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
+                                / rotary_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -35,61 +53,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     as in Llama/HF); the remaining channels (partial rotary) pass through unchanged."""
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if rest.shape[-1]:
         rotated.append(rest)
     return torch.cat(rotated, dim=-1)
 
 
-class KVCache:
-    """Preallocated keys/values for one layer: [batch, num_kv_heads, max_len, head_dim].
+class LayerCache(Protocol):
+    """One layer's share of a KV cache during one forward pass (``kv_cache.LayerView``)."""
 
-    Only the KV heads are cached (grouped-query attention); the query heads share them.
-    """
-
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, n_kv, T, hd] at positions ``start ..`` and return what to attend to, in
-        k's dtype (so a bf16 cache also serves an fp32 prefill). ``start`` is an int (every row
-        alike; returns positions [0, start + T)) or a [B] tensor, one start per row (slot-based
-        batch decoding; returns the whole buffer, which the caller masks)."""
-        if isinstance(start, Tensor):
-            self.write_rows(torch.arange(k.shape[0], device=k.device), start, k, v)
-            return self.k.to(k.dtype), self.v.to(v.dtype)
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
-
-    def write_rows(self, rows: Tensor, start: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write k/v [B, n_kv, T, hd] into batch rows ``rows`` [B], row b at positions start[b] ..."""
-        cols = start[:, None] + torch.arange(k.shape[2], device=k.device)
-        self.k[rows[:, None], :, cols] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows[:, None], :, cols] = v.transpose(1, 2).to(self.v.dtype)
-
-    def view(self, rows: slice, length: int) -> KVCache:
-        """A cache sharing this one's storage: batch rows ``rows``, positions [0, length)."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[rows, :, :length], self.v[rows, :, :length]
-        return view
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, cfg: AttentionConfig) -> None:
         super().__init__()
-        assert cfg.head_dim is not None, "resolve the config through HavocConfig first"
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.head_dim, _ = cfg.dims(d_model)
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(d_model, cfg.num_heads * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d_model, bias=cfg.bias)
+        self.q_proj = nn.Linear(d_model, cfg.num_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, d_model, bias=cfg.bias)
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix: see fuse_projections
 
     def fuse_projections(self) -> None:
@@ -106,8 +91,8 @@ class Attention(nn.Module):
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                start: int | Tensor = 0, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
         """x [B, T, d_model]; cos/sin [T, r/2] or [B, 1, T, r/2]; mask: bool, True = may attend,
         broadcastable to [B, H, T, S]. Without a mask the attention is causal."""
         B, T, _ = x.shape
@@ -122,21 +107,18 @@ class Attention(nn.Module):
             q, k = apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin).split([H, Hkv], dim=1)
             v = v.view(B, T, Hkv, D).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(start, k, v)
-        S, groups = k.shape[2], self.num_heads // self.num_kv_heads
+            k, v = cache.update(k, v)
+        groups = H // Hkv
         dropout = self.dropout if self.training else 0.0
         if T == 1 and groups > 1 and (mask is None or mask.shape[1] == 1):
             # Decode: fold each KV head's query group into the query axis; no K/V copy
             # (SDPA's enable_gqa measured 2-50x slower on CPU, docs/LOG.md).
-            qg = q.reshape(B, self.num_kv_heads, groups, self.head_dim)
+            qg = q.reshape(B, Hkv, groups, D)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
-            y = y.reshape(B, self.num_heads, 1, self.head_dim)
+            y = y.reshape(B, H, 1, D)
         else:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            is_causal = mask is None and T > 1
-            if is_causal and S != T:  # continuing a cached sequence with several new tokens
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-                is_causal = False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))

@@ -12,17 +12,20 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
+from havoc_core.config import format_params
+from havoc_core.engine import Engine
 from havoc_core.errors import HavocError
-from havoc_core.generate import Engine, Quantize, SamplingParams, cpu_has_native_bf16, load_for_inference
+from havoc_core.inference import Loaded, load
+from havoc_core.precision import Quantize
+from havoc_core.sampling import SamplingParams
+from havoc_core.tokenizer import render_chat
 
-DEFAULT_RUN = "checkpoints/havoc_phase1_sft"
 CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+GENERATE_DEFAULTS = SamplingParams()
 SMOKE_DEFAULTS = replace(CHAT_DEFAULTS, temperature=0.0, max_new_tokens=48)  # greedy: the same replies every run
 SMOKE_PROMPTS = ["Hello! Who are you?", "What does the len function do?", "Explain the with statement."]
 # what a model may print to a terminal: no escape sequences or other control characters
@@ -38,64 +41,6 @@ HELP = """commands:
   //text         send a message that starts with /"""
 
 
-# --------------------------------------------------------------------------- loading
-
-def resolve_checkpoint(path: str | Path | None) -> Path:
-    """The given checkpoint (or run dir), or the newest one under ``checkpoints/havoc_phase1_sft``."""
-    from havoc_core.checkpoint import find_checkpoint, list_checkpoints
-
-    if path is not None:
-        return find_checkpoint(path)
-    found = list_checkpoints(DEFAULT_RUN)
-    if not found:
-        raise HavocError(f"{DEFAULT_RUN}: no checkpoint yet; run `make demo` to train a small chat model, "
-                         "or `havoc sft` to fine-tune your own, or pass a CHECKPOINT")
-    return found[-1]
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | None = None) -> torch.dtype:
-    """``auto``: bf16 on GPUs and on CPUs with native bf16 (havoc-tiny decodes 1.5-2.5x faster than
-    in fp32 there, docs/LOG.md); on other CPUs bf16 from ~50M parameters (decode reads half the
-    bytes) and fp32 below (small models are bound by per-op overhead, not memory); fp32 next to int8
-    matrices (the CPU int8 kernel takes fp32 activations)."""
-    if dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device == "cpu":
-        if quantize:
-            return torch.float32
-        return torch.bfloat16 if n_params >= 50_000_000 or cpu_has_native_bf16() else torch.float32
-    return torch.bfloat16
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    path: Path
-    n_params: int
-    seconds: float
-
-
-def load(checkpoint: str | Path | None, *, device: str = "auto", dtype: str = "auto",
-         quantize: Quantize | None = None) -> Loaded:
-    """Resolve, load and prepare a checkpoint for chat (its own config: any architecture)."""
-    from havoc_core.checkpoint import load_config
-
-    t0 = time.perf_counter()
-    path = resolve_checkpoint(checkpoint)
-    n_params = load_config(path).num_parameters()
-    device = pick_device(device)
-    model, tok = load_for_inference(path, device=device, dtype=pick_dtype(dtype, n_params, device, quantize),
-                                    quantize=quantize)
-    return Loaded(model, tok, path, n_params, time.perf_counter() - t0)
-
-
 # --------------------------------------------------------------------------- the session
 
 class ChatSession:
@@ -105,14 +50,11 @@ class ChatSession:
 
     def __init__(self, model: Any, tokenizer: Any, *, system: str | None = None,
                  params: SamplingParams | None = None, compile: bool = False) -> None:
-        from havoc_core.tokenizer import ROLES
-
         self.tok = tokenizer
         self.engine = Engine(model, tokenizer, compile=compile)
         self.max_len = self.engine.max_len
         self.params = (params or CHAT_DEFAULTS).validate()
-        # a reply ends at <|eos|> or at any token that would start another turn
-        self.stop_ids = [tokenizer.bos_id, tokenizer.pad_id, *(tokenizer.role_id(r) for r in ROLES)]
+        self.stop_ids = tokenizer.turn_stop_ids()  # a reply ends at <|eos|> or where another turn would start
         self.system: str | None = None
         self.system_ids: list[int] = []
         self.turns: list[tuple[dict[str, str], list[int]]] = []  # (message, its ids), system excluded
@@ -130,8 +72,6 @@ class ChatSession:
         return head + [m for m, _ in self.turns]
 
     def _message_ids(self, role: str, content: str) -> list[int]:
-        from havoc_core.tokenizer import render_chat
-
         return render_chat(self.tok, [{"role": role, "content": content}])[0][1:]  # without <|bos|>
 
     def prompt_ids(self) -> list[int]:
@@ -203,7 +143,9 @@ class ChatSession:
         except BaseException:
             self.turns = saved
             raise
-        self.last_prefill = len(self.engine.slots[0].tokens) - self.engine.slots[0].cached  # type: ignore[union-attr]
+        slot = self.engine.slots[0]
+        assert slot is not None
+        self.last_prefill = len(slot.tokens) - slot.cached
         self._open = True
         return self._stream()
 
@@ -250,8 +192,6 @@ def _line_editing() -> None:
 
 
 def _banner(loaded: Loaded, out: TextIO) -> None:
-    from havoc_core.config import format_params
-
     print("=== HAVOC CHAT INTERFACE LOADED ===", file=out)
     print(f"Model parameters: {format_params(loaded.n_params)}", file=out)
     print("Model loaded successfully!", file=out, flush=True)
@@ -384,8 +324,6 @@ def run_smoke(checkpoint: str | Path | None = None, *, device: str = "auto", dty
     """Load a checkpoint, answer three fixed prompts (greedy unless ``params``), print replies and tokens/s.
     Exit status 0 only if loading and every generation worked."""
     _utf8_console()
-    from havoc_core.config import format_params
-
     loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     print(f"loaded {loaded.path} ({format_params(loaded.n_params)} parameters) in {loaded.seconds:.1f} s")
     session = ChatSession(loaded.model, loaded.tokenizer, params=params or SMOKE_DEFAULTS)

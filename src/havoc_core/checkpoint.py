@@ -1,19 +1,18 @@
-"""Checkpoint directories: atomic save, strict load, precise errors.
+"""Checkpoint directories: their names, atomic save, strict reading, precise errors.
 
 Layout (see docs/CHECKPOINTS.md)::
 
     checkpoints/<run>/checkpoint_step_<N>/
         config.json  model.safetensors  tokenizer.json  tokenizer_config.json
         trainer_state.json  optimizer.pt
+
+This module knows files and configs only; ``model.load_model`` builds the model from them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,38 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from havoc_core.config import HavocConfig
-from havoc_core.errors import CheckpointError
-from havoc_core.model import HavocModel
+from havoc_core.atomic import write_atomic, write_atomic_dir
+from havoc_core.config import PRESETS, HavocConfig, get_preset
+from havoc_core.errors import CheckpointError, HavocError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RUN_DIRS = {"pretrain": "checkpoints/havoc_phase0_pretrain", "sft": "checkpoints/havoc_phase1_sft"}
+CHAT_RUN = RUN_DIRS["sft"]  # where `havoc chat`, `havoc serve` and `havoc smoke` look without a path
 STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 
 
-# --------------------------------------------------------------------------- finding checkpoints
+# --------------------------------------------------------------------------- names and finding
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoint_step_<step>``."""
+    return Path(run_dir) / f"checkpoint_step_{step}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step of a ``checkpoint_step_N`` directory, None for any other name."""
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete ``checkpoint_step_N`` dirs of a run, oldest first (temporary dirs are ignored)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / CONFIG_FILE).is_file()]
+    found = [(step, p) for p in run_dir.iterdir() if (step := step_of(p)) is not None and (p / CONFIG_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -59,45 +70,35 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no {CONFIG_FILE} here and no checkpoint_step_N directories under it")
 
 
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The given checkpoint (or run dir), or the newest one under ``CHAT_RUN``."""
+    if path is not None:
+        return find_checkpoint(path)
+    found = list_checkpoints(CHAT_RUN)
+    if not found:
+        raise CheckpointError(f"{CHAT_RUN}: no checkpoint yet; run `make demo` to train a small chat model, "
+                              "or `havoc sft` to fine-tune your own, or pass a CHECKPOINT")
+    return found[-1]
+
+
 def load_config(path: str | Path) -> HavocConfig:
     """The complete model config of a checkpoint (or of a run's newest checkpoint)."""
     return HavocConfig.load(find_checkpoint(path) / CONFIG_FILE)
 
 
+def config_from_source(source: str) -> HavocConfig:
+    """A model config from a preset name, a config.json file, or a checkpoint/run directory."""
+    if source in PRESETS:
+        return get_preset(source)
+    path = Path(source)
+    if path.is_file():
+        return HavocConfig.load(path)
+    if path.is_dir():
+        return load_config(path)
+    raise HavocError(f"{source}: not a preset ({', '.join(PRESETS)}), a config.json or a checkpoint directory")
+
+
 # --------------------------------------------------------------------------- saving
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` in a temporary sibling, fsync it, then rename it into place, so a
-    crash at any moment leaves either the old directory or the complete new one under ``final``."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: HavocConfig, *,
                     tokenizer: Any = None, trainer_state: dict[str, Any] | None = None,
@@ -112,32 +113,33 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            write_atomic(tmp / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2) + "\n")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
 
     return write_atomic_dir(Path(path), write)
 
 
-def save_model(path: str | Path, model: HavocModel, **kwargs: Any) -> Path:
-    return save_checkpoint(path, model.state_dict(), model.config, **kwargs)
+def save_model(path: str | Path, model: torch.nn.Module, **kwargs: Any) -> Path:
+    """``save_checkpoint`` of a ``HavocModel`` (its state dict and its ``config``)."""
+    return save_checkpoint(path, model.state_dict(), model.config, **kwargs)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- loading and checking
+# --------------------------------------------------------------------------- reading and checking
 
 def _explain(name: str, dim: int, found: int, cfg: HavocConfig) -> str:
     """Name the config field behind dimension ``dim`` of parameter ``name``."""
     a = cfg.attention
+    head_dim, _ = a.dims(cfg.d_model)
     heads = {"q_proj": ("attention.num_heads", a.num_heads), "o_proj": ("attention.num_heads", a.num_heads),
              "k_proj": ("attention.num_kv_heads", a.num_kv_heads), "v_proj": ("attention.num_kv_heads", a.num_kv_heads)}
     part = name.split(".")[-2] if "." in name else name
     if part in heads and (dim == 0) == (part != "o_proj"):
         field, n = heads[part]
-        expected = n * (a.head_dim or 0)
-        hint = (f" (e.g. {field} {found // a.head_dim} with attention.head_dim {a.head_dim})"
-                if a.head_dim and found % a.head_dim == 0 else "")
-        return f"{field} x attention.head_dim: weights imply {found}, config.json says {expected} " \
-               f"({n} x {a.head_dim}){hint}"
+        hint = (f" (e.g. {field} {found // head_dim} with attention.head_dim {head_dim})"
+                if found % head_dim == 0 else "")
+        return f"{field} x attention.head_dim: weights imply {found}, config.json says {n * head_dim} " \
+               f"({n} x {head_dim}){hint}"
     if part in ("w1", "w3", "w2") and (dim == 0) == (part != "w2"):
         return f"mlp.hidden_dim: weights imply {found}, config.json says {cfg.mlp.hidden_dim}"
     if part in ("embed", "lm_head") and dim == 0:
@@ -146,12 +148,12 @@ def _explain(name: str, dim: int, found: int, cfg: HavocConfig) -> str:
 
 
 def check_weights(found: dict[str, tuple[int, ...]], cfg: HavocConfig, where: str) -> None:
-    """Compare weight names/shapes with what ``cfg`` builds; raise naming the responsible field."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in HavocModel(cfg).state_dict().items()}
+    """Compare weight names/shapes with what ``cfg`` builds; raise naming the responsible field.
+    The layer count is compared first, so an absurd num_layers is refused before anything is sized."""
     layer_ids = {int(m.group(1)) for k in found if (m := re.match(r"layers\.(\d+)\.", k))}
     if layer_ids and len(layer_ids) != cfg.num_layers:
         raise CheckpointError(f"{where}: num_layers: weights imply {len(layer_ids)}, config.json says {cfg.num_layers}")
+    expected = cfg.param_shapes()
     for key, field, says in [("lm_head.weight", "tie_word_embeddings", cfg.tie_word_embeddings),
                              ("layers.0.attn.q_proj.bias", "attention.bias", not cfg.attention.bias)]:
         if (key in found) != (key in expected):
@@ -193,17 +195,3 @@ def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
-
-
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HavocModel:
-    """Build the model from the checkpoint's own config.json (nothing from defaults) and load it."""
-    ckpt = find_checkpoint(path)
-    cfg = HavocConfig.load(ckpt / CONFIG_FILE)
-    state = load_weights(ckpt, cfg, device)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = HavocModel(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.reset_rope()
-    return model.eval()

@@ -6,30 +6,46 @@ Every ``HavocError`` becomes one ``error: ...`` line on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from havoc_core.builtin_corpus import builtin_conversations, builtin_documents
+from havoc_core.chat import CHAT_DEFAULTS, GENERATE_DEFAULTS, SMOKE_DEFAULTS, run_chat, run_generate, run_smoke
+from havoc_core.checkpoint import CHAT_RUN, RUN_DIRS, config_from_source, find_checkpoint, load_weights, save_model
+from havoc_core.config import format_params
+from havoc_core.data import prepare_conversations, prepare_pretrain
+from havoc_core.demo import run_demo
 from havoc_core.errors import HavocError
+from havoc_core.evaluate import evaluate_checkpoint
+from havoc_core.hf import export, import_hf
+from havoc_core.metrics import plot_run
+from havoc_core.model import HavocModel
+from havoc_core.sampling import SamplingParams
+from havoc_core.sources import hf_documents, read_documents, report_skipped
+from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
+from havoc_core.train import run_training
+from havoc_core.train_config import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _config_from(source: str) -> Any:
-    """A preset name, a config.json file, or a checkpoint/run directory."""
-    from havoc_core.checkpoint import load_config
-    from havoc_core.config import PRESETS, HavocConfig, get_preset
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none to show)."""
 
-    if source in PRESETS:
-        return get_preset(source)
-    path = Path(source)
-    if path.is_file():
-        return HavocConfig.load(path)
-    if path.exists():
-        return load_config(path)
-    raise HavocError(f"{source}: not a preset ({', '.join(PRESETS)}), a config.json or a checkpoint directory")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _print_tree(data: dict[str, Any], indent: int = 0) -> None:
@@ -44,13 +60,9 @@ def _print_tree(data: dict[str, Any], indent: int = 0) -> None:
 # --------------------------------------------------------------------------- commands
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from havoc_core.config import format_params
-
-    cfg = _config_from(args.source)
+    cfg = config_from_source(args.source)
     _print_tree(cfg.to_dict())
     if args.check_weights:
-        from havoc_core.checkpoint import find_checkpoint, load_weights
-
         load_weights(find_checkpoint(args.source), cfg, shapes_only=True)
         print("weights: every name and shape matches config.json")
     n = cfg.num_parameters()
@@ -58,19 +70,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    import torch
-
-    from havoc_core.checkpoint import save_model
-    from havoc_core.config import format_params
-    from havoc_core.model import HavocModel
-
-    cfg = _config_from(args.preset)
+    cfg = config_from_source(args.preset)
     torch.manual_seed(args.seed)
     model = HavocModel(cfg)
     tokenizer = None
     if args.tokenizer:
-        from havoc_core.tokenizer import HavocTokenizer
-
         tokenizer = HavocTokenizer.load(args.tokenizer)
         tokenizer.check_compatible(cfg)
     out = save_model(args.out, model, tokenizer=tokenizer)
@@ -79,37 +83,29 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def _train_config(args: argparse.Namespace, phase: str) -> Any:
     """TrainConfig from --config (TOML/JSON) and the flags given, the flags winning."""
-    import dataclasses
 
-    from havoc_core.train import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     given["phase"] = phase
     if phase == "sft" and "init" not in given and not args.config:
-        given["init"] = "checkpoints/havoc_phase0_pretrain"
+        given["init"] = RUN_DIRS["pretrain"]
     if args.config:
         return TrainConfig.load(args.config, overrides=given)
     return TrainConfig.from_settings(given, where="flags: ")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from havoc_core.train import run_training
-
     last = run_training(_train_config(args, args.command), resume=args.resume)
     print(json.dumps(last))
     return 130 if last.get("interrupted") else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from havoc_core.demo import run_demo
-
     return run_demo()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from havoc_core.train import evaluate_checkpoint
-
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
                                  max_batches=args.max_batches)
     print(f"val loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
@@ -117,27 +113,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from havoc_core.train import plot_run
-
     print(f"wrote {plot_run(args.run)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from havoc_core.hf import export
-
     print(f"wrote {export(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)} (Hugging Face Llama layout)")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from havoc_core.hf import import_hf
-
     print(f"wrote {import_hf(args.hf_dir, args.out_dir)} (HAVOC checkpoint)")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from havoc_core.corpus import builtin_documents, read_documents, report_skipped
-    from havoc_core.tokenizer import HavocTokenizer
-
     skipped: list[str] = []
     docs = (list(read_documents(args.files, skip_invalid=args.skip_invalid, skipped=skipped))
             if args.files else builtin_documents())
@@ -145,17 +132,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     tok = HavocTokenizer.train(docs, vocab_size=args.vocab_size)
     tok.save(args.out)
     reserved = f", {tok.num_reserved:,} of them reserved (the text had no more merges)" if tok.num_reserved else ""
-    print(f"wrote {Path(args.out) / 'tokenizer.json'}: {tok.vocab_size:,} tokens, {len(docs):,} documents{reserved}")
+    print(f"wrote {Path(args.out) / TOKENIZER_FILE}: {tok.vocab_size:,} tokens, {len(docs):,} documents{reserved}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from havoc_core.tokenizer import HavocTokenizer
-
     tok = HavocTokenizer.load(args.tokenizer)
     if args.sft:
-        from havoc_core.corpus import builtin_conversations
-        from havoc_core.data import prepare_conversations
-
         if len(args.inputs) > 1:
             raise HavocError(f"--sft: expected at most one conversations JSONL file, found {len(args.inputs)}")
         source = args.inputs[0] if args.inputs else builtin_conversations(args.seed)
@@ -163,8 +145,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: {stats['conversations']:,} conversations (longest {stats['longest']} tokens, "
               f"{stats['assistant_tokens']:,} assistant tokens), {stats['skipped']} skipped")
         return
-    from havoc_core.corpus import builtin_documents, hf_documents
-    from havoc_core.data import prepare_pretrain
 
     if args.hf_dataset:
         sources: Any = hf_documents(args.hf_dataset, split=args.hf_split, text_key=args.text_key)
@@ -179,10 +159,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, generated from the dataclass (no hand-kept list)."""
-    import dataclasses
-    import typing
 
-    from havoc_core.train import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     p.add_argument("--config", help="TOML or JSON file of TrainConfig settings (flags override it)")
@@ -206,53 +183,58 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser, sampling_help: str) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
+    """Model flags, then one flag per ``SamplingParams`` field, generated from the dataclass (its
+    ``help`` metadata), with this command's ``defaults`` shown."""
+
+
     _add_model_flags(p)
-    g = p.add_argument_group(f"sampling ({sampling_help})")
-    g.add_argument("--temperature", type=float, help="0 = greedy")
-    g.add_argument("--top-k", type=int, help="0 = off")
-    g.add_argument("--top-p", type=float, help="nucleus threshold in (0, 1]; 1 = off")
-    g.add_argument("--repetition-penalty", type=float, help="1 = off")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--seed", type=int, help="reproducible sampling")
+    g = p.add_argument_group("sampling")
+    hints = typing.get_type_hints(SamplingParams)
+    for f in dataclasses.fields(SamplingParams):
+        if not f.metadata.get("cli", True):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        shown = f"{f.metadata['help']} (default: {', '.join(default) if f.name == 'stop' else default})"
+        tp = hints[f.name]
+        if tp is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        elif typing.get_origin(tp) is not None and str in typing.get_args(tp):  # Sequence[str]: repeatable
+            g.add_argument(flag, action="append", default=None, help=f"{f.metadata['help']}")
+        else:
+            kind = next(t for t in (int, float) if t is tp or t in typing.get_args(tp))
+            g.add_argument(flag, type=kind, default=None, help=shown)
 
 
 def _sampling(args: argparse.Namespace, base: Any) -> Any:
-    """``base`` SamplingParams with the flags that were given."""
-    import dataclasses
+    """``base`` SamplingParams with the sampling flags that were given."""
 
-    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                           "max_new_tokens", "seed") if getattr(args, k) is not None}
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)
+             if getattr(args, f.name, None) is not None}
+    if "stop" in given:
+        given["stop"] = tuple(given["stop"])
     return dataclasses.replace(base, **given).validate()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from havoc_core.chat import CHAT_DEFAULTS, run_chat
-
     return run_chat(args.checkpoint, system=args.system, params=_sampling(args, CHAT_DEFAULTS), device=args.device,
                     dtype=args.dtype, quantize=args.quantize, compile=args.compile, prompt=args.prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from havoc_core.chat import run_generate
-    from havoc_core.generate import SamplingParams
-
-    params = _sampling(args, SamplingParams(stop=args.stop or ()))
+    params = _sampling(args, GENERATE_DEFAULTS)
     return run_generate(args.checkpoint, args.prompt, params, device=args.device, dtype=args.dtype,
                         quantize=args.quantize)
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from havoc_core.chat import SMOKE_DEFAULTS, run_smoke
-
     return run_smoke(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
                      params=_sampling(args, SMOKE_DEFAULTS))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from havoc_core.serve import serve
+    from havoc_core.serve import serve  # the [serve] extra (fastapi, uvicorn) is optional
 
     api_key = args.api_key or os.environ.get("HAVOC_API_KEY")
     return serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
@@ -267,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
         p.set_defaults(handler=handler)
         return p
 
@@ -295,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=50)
 
     p = add("plot", cmd_plot, "write RUN/loss.png from RUN/metrics.jsonl")
-    p.add_argument("run", help="run directory, e.g. checkpoints/havoc_phase0_pretrain")
+    p.add_argument("run", help=f"run directory, e.g. {RUN_DIRS['pretrain']}")
 
     p = add("export", cmd_export, "write a checkpoint as a Hugging Face Llama model dir (transformers, vLLM, ...)")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
@@ -308,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tokenizer", cmd_tokenizer_train, "train a byte-level BPE tokenizer")
     t = p.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
-        "train", help="train on text/JSONL files, or the built-in Python docs when none are given")
+        "train", help="train on text/JSONL files, or the built-in Python docs when none are given",
+        formatter_class=_Help)
     t.set_defaults(handler=cmd_tokenizer_train)
     t.add_argument("files", nargs="*", help="text files (one document each), .jsonl ({\"text\": ...} per line), dirs")
     t.add_argument("--vocab-size", type=int, default=70000, help="total ids, special tokens included")
@@ -330,29 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=512, help="with --sft: longest conversation in tokens (never cut)")
 
     p = add("chat", cmd_chat, "chat with a checkpoint in the terminal (streams replies, keeps history)")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
-                   "checkpoints/havoc_phase1_sft)")
+    p.add_argument("checkpoint", nargs="?", help=f"checkpoint or run dir (default: newest under {CHAT_RUN})")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one message on stdout and exit")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
-    _add_generation_flags(p, "defaults: temperature 0.7, top-p 0.9, repetition penalty 1.1, 256 tokens")
+    _add_generation_flags(p, CHAT_DEFAULTS)
 
     p = add("generate", cmd_generate, "raw text completion of a prompt (no chat format)")
     p.add_argument("checkpoint", help="checkpoint or run dir")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
-    _add_generation_flags(p, "defaults: temperature 0.7, top-p 0.9, 256 tokens")
+    _add_generation_flags(p, GENERATE_DEFAULTS)
 
     p = add("smoke", cmd_smoke, "load a checkpoint, answer three fixed prompts, print tokens/s; "
             "non-zero exit on failure")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
-                   "checkpoints/havoc_phase1_sft)")
-    _add_generation_flags(p, "greedy")
+    p.add_argument("checkpoint", nargs="?", help=f"checkpoint or run dir (default: newest under {CHAT_RUN})")
+    _add_generation_flags(p, SMOKE_DEFAULTS)
 
     p = add("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching) "
             "with a web chat page at /")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint or run dir (default: newest under "
-                   "checkpoints/havoc_phase1_sft)")
+    p.add_argument("checkpoint", nargs="?", help=f"checkpoint or run dir (default: newest under {CHAT_RUN})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (the address is printed)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $HAVOC_API_KEY)")

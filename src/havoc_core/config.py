@@ -1,7 +1,7 @@
 """Model configuration: nested dataclasses, presets, and strict, versioned (de)serialisation.
 
 Every field is read back from the dataclass definitions themselves (``from_dict``); nothing
-lists fields by hand, which is how the seed's chat script lost the nested configs.
+lists fields by hand: a hand-kept list that omits the nested configs builds the wrong model.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from havoc_core.atomic import write_atomic
 from havoc_core.attention import AttentionConfig
 from havoc_core.errors import ConfigError
 from havoc_core.mlp import MLPConfig
@@ -116,17 +117,12 @@ class HavocConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
-    # Beyond the notes' fields (format_version 2): false for imported models with their own lm_head.
+    # Added in format_version 2: false for models with their own output matrix (e.g. imported Llamas).
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
         """Resolve derived sizes once, so config.json always holds them explicitly."""
-        att = self.attention
-        if att.head_dim is None and att.num_heads > 0:
-            att = dataclasses.replace(att, head_dim=self.d_model // att.num_heads)
-        if att.rotary_dim is None and att.head_dim is not None:
-            att = dataclasses.replace(att, rotary_dim=att.head_dim)
-        self.attention = att
+        self.attention = self.attention.resolved(self.d_model)
 
     # ------------------------------------------------------------------ checks and sizes
     def validate(self, where: str = "") -> HavocConfig:
@@ -145,12 +141,12 @@ class HavocConfig:
         if a.num_heads % a.num_kv_heads:
             raise bad("attention.num_heads", f"expected a multiple of attention.num_kv_heads "
                       f"({a.num_kv_heads}), found {a.num_heads}")
-        assert a.rotary_dim is not None and a.head_dim is not None
-        if a.rotary_dim <= 0 or a.rotary_dim % 2:
-            raise bad("attention.rotary_dim", f"expected a positive even integer, found {a.rotary_dim}")
-        if a.rotary_dim > a.head_dim:
-            raise bad("attention.rotary_dim", f"expected at most attention.head_dim ({a.head_dim}), "
-                      f"found {a.rotary_dim}")
+        head_dim, rotary_dim = a.dims(self.d_model)
+        if rotary_dim <= 0 or a.rotary_dim % 2:
+            raise bad("attention.rotary_dim", f"expected a positive even integer, found {rotary_dim}")
+        if rotary_dim > head_dim:
+            raise bad("attention.rotary_dim", f"expected at most attention.head_dim ({head_dim}), "
+                      f"found {rotary_dim}")
         if a.rope_theta <= 0:
             raise bad("attention.rope_theta", f"expected a positive number, found {a.rope_theta}")
         for key, p in [("dropout", self.dropout), ("attention.dropout", a.dropout), ("mlp.dropout", m.dropout)]:
@@ -168,22 +164,42 @@ class HavocConfig:
     def num_parameters(self) -> int:
         """Exact parameter count from the config alone (equals ``HavocModel``'s real count)."""
         a, d = self.attention, self.d_model
-        assert a.head_dim is not None
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        head_dim, _ = a.dims(d)
+        q, kv = a.num_heads * head_dim, a.num_kv_heads * head_dim
         attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if a.bias else 0)
         mlp = 3 * d * self.mlp.hidden_dim
         layer = attn + mlp + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + d
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor in the model's state dict, in its order, from the config
+        alone: what a weights file must hold, known before anything is built or allocated."""
+        a, d, h = self.attention, self.d_model, self.mlp.hidden_dim
+        head_dim, _ = a.dims(d)
+        q, kv = a.num_heads * head_dim, a.num_kv_heads * head_dim
+        layer: list[tuple[str, tuple[int, ...]]] = [("attn_norm.weight", (d,))]
+        for name, rows, cols in [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q)]:
+            layer.append((f"attn.{name}.weight", (rows, cols)))
+            if a.bias:
+                layer.append((f"attn.{name}.bias", (rows,)))
+        layer += [("mlp_norm.weight", (d,)), ("mlp.w1.weight", (h, d)), ("mlp.w3.weight", (h, d)),
+                  ("mlp.w2.weight", (d, h))]
+        shapes = {"embed.weight": (self.vocab_size, d)}
+        for i in range(self.num_layers):
+            shapes.update((f"layers.{i}.{name}", shape) for name, shape in layer)
+        shapes["norm.weight"] = (d,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        return shapes
+
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM-style: 6 x the matmul
         parameters (the input embedding is a lookup, not a matmul) plus attention's 12 * L * H * hd * T."""
         t = seq_len or self.max_seq_len
         a = self.attention
-        assert a.head_dim is not None
         matmul_params = self.num_parameters() - self.vocab_size * self.d_model * (0 if self.tie_word_embeddings else 1)
-        return 6 * matmul_params + 12 * self.num_layers * a.num_heads * a.head_dim * t
+        return 6 * matmul_params + 12 * self.num_layers * a.num_heads * a.dims(self.d_model)[0] * t
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +220,7 @@ class HavocConfig:
         return from_dict(cls, data, where=where).validate(where)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> HavocConfig:
@@ -225,8 +241,8 @@ class HavocConfig:
 
 
 def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
-    """Version 1 is the seed's config.json: the notes' keys only. Its models tie embeddings
-    (that is what makes havoc-2b 2.05B), so the new field is filled explicitly with true."""
+    """Version 1 configs (no format_version key) predate tie_word_embeddings; their models tie the
+    embeddings (that is what makes havoc-2b 2,047,080,960 parameters), so the field is filled with true."""
     if "tie_word_embeddings" in data:
         raise ConfigError("tie_word_embeddings: unknown key in a format_version 1 config")
     return {**data, "tie_word_embeddings": True}
@@ -238,7 +254,7 @@ _MIGRATIONS = {1: _v1_to_v2}
 # --------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, HavocConfig] = {
-    # The user's checkpoint from the notes: 2,047,080,960 parameters.
+    # 2,047,080,960 parameters: GeGLU, GQA 32/4 with head_dim 80, tied embeddings, 70,000-token vocab.
     "havoc-2b": HavocConfig(
         vocab_size=70000, d_model=2560, num_layers=20, max_seq_len=1024,
         attention=AttentionConfig(num_heads=32, head_dim=80, num_kv_heads=4, rope_theta=10000.0),

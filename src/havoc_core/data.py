@@ -26,8 +26,9 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from havoc_core.corpus import iter_jsonl, read_documents, report_skipped
+from havoc_core.atomic import atomic_open, write_atomic, write_atomic_dir
 from havoc_core.errors import HavocError
+from havoc_core.sources import iter_jsonl, read_documents, report_skipped
 from havoc_core.tokenizer import HavocTokenizer, render_chat
 
 MANIFEST = "manifest.json"
@@ -97,8 +98,6 @@ def prepare_pretrain(sources: Iterable[str] | Iterable[os.PathLike], tokenizer: 
                      text_key: str = "text", name: str = "") -> dict[str, Any]:
     """Tokenize documents (strings, or text/JSONL file paths) into uint32 shards in ``out_dir``
     (written atomically), with a whole-document train/val split; returns the manifest."""
-    from havoc_core.checkpoint import write_atomic_dir
-
     if not 0.0 <= val_fraction < 1.0:
         raise HavocError(f"val_fraction: expected a number in [0, 1), found {val_fraction}")
     skipped: list[str] = []
@@ -136,7 +135,7 @@ def prepare_pretrain(sources: Iterable[str] | Iterable[os.PathLike], tokenizer: 
             "splits": {split: w.summary() for split, w in writers.items()},
         })
         tokenizer.save(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     write_atomic_dir(Path(out_dir), write)
     report_skipped(skipped, "inputs")
@@ -182,15 +181,11 @@ def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
 # --------------------------------------------------------------------------- conversations
 
 def write_jsonl(records: Iterable[Any], path: str | Path) -> Path:
-    """One JSON value per line (UTF-8, written to a temporary file and renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """One JSON value per line, UTF-8, written atomically."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _records(source: str | Path | Iterable[Any]) -> Iterator[tuple[str, Any]]:

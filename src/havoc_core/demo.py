@@ -12,8 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from havoc_core.checkpoint import list_checkpoints
-from havoc_core.train import TrainConfig, run_training
+from havoc_core.builtin_corpus import builtin_documents
+from havoc_core.chat import answer_questions, run_chat
+from havoc_core.checkpoint import RUN_DIRS, list_checkpoints, step_of
+from havoc_core.data import MANIFEST, prepare_pretrain
+from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
+from havoc_core.train import run_training
+from havoc_core.train_config import TrainConfig
 
 DEMO_QUESTIONS = [
     "What does the len function do?",
@@ -27,8 +32,8 @@ class DemoPlan:
     """The demo's sizes; tests shrink them."""
 
     data_dir: str = "data/demo"
-    pretrain_dir: str = "checkpoints/havoc_phase0_pretrain"
-    sft_dir: str = "checkpoints/havoc_phase1_sft"
+    pretrain_dir: str = RUN_DIRS["pretrain"]
+    sft_dir: str = RUN_DIRS["sft"]
     preset: str = "havoc-tiny"
     vocab_size: int = 8192
     pretrain_steps: int = 300
@@ -48,7 +53,7 @@ def _stage(name: str) -> float:
 
 def _finished(run_dir: str, steps: int) -> bool:
     ckpts = list_checkpoints(run_dir)
-    return bool(ckpts) and ckpts[-1].name == f"checkpoint_step_{steps}"
+    return bool(ckpts) and step_of(ckpts[-1]) == steps
 
 
 class Interrupted(Exception):
@@ -62,14 +67,10 @@ def _train(cfg: TrainConfig) -> None:
 
 def build(plan: DemoPlan) -> Path:
     """Run (or reuse) every stage; return the SFT checkpoint dir."""
-    from havoc_core.corpus import builtin_documents
-    from havoc_core.data import prepare_pretrain
-    from havoc_core.tokenizer import HavocTokenizer
-
     data = Path(plan.data_dir)
     tok_dir, shards = data / "tokenizer", data / "pretrain"
     docs = None
-    if not (tok_dir / "tokenizer.json").is_file():
+    if not (tok_dir / TOKENIZER_FILE).is_file():
         t0 = _stage("building the corpus from Python's own documentation")
         docs = builtin_documents()
         print(f"{len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)",
@@ -80,7 +81,7 @@ def build(plan: DemoPlan) -> Path:
         tok.save(tok_dir)
         print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     tok = HavocTokenizer.load(tok_dir)
-    if not (shards / "manifest.json").is_file():
+    if not (shards / MANIFEST).is_file():
         _stage("tokenizing the corpus into uint32 shards")
         prepare_pretrain(docs if docs is not None else builtin_documents(), tok, shards)
     if not _finished(plan.pretrain_dir, plan.pretrain_steps):
@@ -108,8 +109,6 @@ def run_demo(plan: DemoPlan | None = None, interactive: bool | None = None) -> i
         print("demo interrupted; run it again to resume where it stopped", file=sys.stderr)
         return 130
     print(f"\ndemo model ready: {ckpt} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    from havoc_core.chat import answer_questions, run_chat
-
     if interactive if interactive is not None else sys.stdin.isatty():
         return run_chat(str(ckpt))
     for question, answer in zip(DEMO_QUESTIONS, answer_questions(str(ckpt), DEMO_QUESTIONS), strict=True):

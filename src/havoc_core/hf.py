@@ -15,17 +15,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from havoc_core.atomic import write_atomic, write_atomic_dir
 from havoc_core.attention import AttentionConfig
-from havoc_core.checkpoint import check_weights
+from havoc_core.checkpoint import CONFIG_FILE, check_weights, find_checkpoint, load_weights, save_checkpoint
 from havoc_core.config import HavocConfig
 from havoc_core.errors import HavocError
 from havoc_core.mlp import MLPConfig
+from havoc_core.model import HavocModel
+from havoc_core.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HavocTokenizer, tokenizer_config_dict
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # transformers is the optional [hf] extra, imported when used
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from havoc_core.model import HavocModel
 
 ACTIVATIONS = {"gelu": "gelu", "swiglu": "silu"}  # HAVOC mlp.activation -> HF hidden_act (both exact)
 _TOP = [("embed.", "model.embed_tokens."), ("norm.", "model.norm."), ("lm_head.", "lm_head.")]
@@ -238,10 +242,6 @@ class CopiedTokenizer:
 def _load_tokenizer(path: Path, cfg: HavocConfig) -> Any:
     """The HAVOC tokenizer at ``path`` (a dir holding tokenizer.json, or the file; checked against
     ``cfg``), or, for a valid file without HAVOC's special tokens, a ``CopiedTokenizer``."""
-    from tokenizers import Tokenizer
-
-    from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
-
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise HavocError(f"{file}: not found; HAVOC needs the fast tokenizer file (with transformers: "
@@ -273,8 +273,6 @@ def _read_json(path: Path) -> Any:
 def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single ``model.safetensors`` or of the shards listed in its index.
     Pickled ``.bin`` weights are refused: unpickling runs arbitrary code."""
-    from safetensors import SafetensorError, safe_open
-
     if (hf_dir / HF_INDEX).is_file():
         weight_map = _read_json(hf_dir / HF_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -307,11 +305,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     """Write a HAVOC checkpoint as a Hugging Face Llama dir that ``AutoModelForCausalLM`` and
     ``AutoTokenizer`` load as is: config.json, model.safetensors (same dtype), tokenizer files
     (HAVOC's chat template and special tokens), generation_config.json."""
-    from safetensors.torch import save_file
-
-    from havoc_core.checkpoint import CONFIG_FILE, find_checkpoint, load_weights, write_atomic_dir
-    from havoc_core.tokenizer import TOKENIZER_CONFIG_FILE, HavocTokenizer, tokenizer_config_dict
-
     ckpt = find_checkpoint(checkpoint)
     cfg = HavocConfig.load(ckpt / CONFIG_FILE)
     config = llama_config_dict(cfg)  # refuse before reading the weights
@@ -321,15 +314,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
     def write(tmp: Path) -> None:
-        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
+        write_atomic(tmp / HF_CONFIG, json.dumps(config, indent=2) + "\n")
+        write_atomic(tmp / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
         tensors = {k: v.contiguous() for k, v in to_llama_state_dict(state, cfg).items()}
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         tok.save(tmp)
         if isinstance(tok, HavocTokenizer):  # add the context length transformers should know
             text = json.dumps(tokenizer_config_dict(tok, model_max_length=cfg.max_seq_len), indent=2,
                               ensure_ascii=False)
-            (tmp / TOKENIZER_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+            write_atomic(tmp / TOKENIZER_CONFIG_FILE, text + "\n")
 
     return write_atomic_dir(Path(out_dir), write)
 
@@ -337,8 +330,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Turn a Llama-layout Hugging Face dir (single or sharded safetensors) into a HAVOC checkpoint:
     config.json, model.safetensors (same dtype) and its tokenizer (kept verbatim if not HAVOC's)."""
-    from havoc_core.checkpoint import save_checkpoint
-
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise HavocError(f"{hf_dir}: not a directory (expected a Hugging Face model dir with {HF_CONFIG})")

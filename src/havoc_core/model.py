@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from havoc_core.attention import Attention, KVCache, rope_tables
+from havoc_core.attention import Attention, LayerCache, rope_cos_sin
+from havoc_core.checkpoint import CONFIG_FILE, find_checkpoint, load_weights
 from havoc_core.config import HavocConfig
+from havoc_core.errors import HavocError
+from havoc_core.kv_cache import CacheView, KVCache
 from havoc_core.mlp import GatedMLP
 
 IGNORE_INDEX = -100
@@ -26,9 +29,9 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg.d_model, cfg.mlp)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int | Tensor,
-                mask: Tensor | None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, mask))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -40,17 +43,8 @@ class HavocModel(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.register_buffer("rope", torch.empty(0), persistent=False)
-        self.reset_rope()
         if self.embed.weight.device.type != "meta":
             self.apply(self._init_weights)
-
-    def reset_rope(self) -> None:
-        """(Re)build the RoPE table on the weights' device, e.g. after loading onto a meta model."""
-        a = self.config.attention
-        assert a.rotary_dim is not None
-        device = self.embed.weight.device
-        self.rope = rope_tables(a.rotary_dim, a.rope_theta, self.config.max_seq_len, device=device)
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) for matrices; residual output projections scaled down by
@@ -67,65 +61,73 @@ class HavocModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size: int, max_len: int | None = None,
-                   dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One preallocated KV cache per layer, for ``max_len`` positions (default: the context)."""
-        a = self.config.attention
-        assert a.head_dim is not None
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated KV cache of ``batch_size`` rows and ``max_len`` positions (default: the context)."""
+        c = self.config
+        head_dim, _ = c.attention.dims(c.d_model)
         w = self.embed.weight
-        return [KVCache(batch_size, a.num_kv_heads, max_len or self.config.max_seq_len, a.head_dim,
-                        dtype or w.dtype, w.device) for _ in self.layers]
+        return KVCache(c.num_layers, batch_size, c.attention.num_kv_heads, max_len or c.max_seq_len, head_dim,
+                       dtype or w.dtype, w.device)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: list[KVCache] | None = None,
-                start: int | Tensor = 0, positions: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, logits_at: Tensor | None = None,
-                compute_dtype: torch.dtype | None = None) -> Tensor:
-        """idx [B, T] token ids -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: CacheView | None = None) -> Tensor:
+        """idx [B, T] token ids -> logits [B, T, V].
 
         With ``targets`` [B, T] (``-100`` = ignore) it returns the mean cross-entropy instead, so a
-        DDP/FSDP wrapper sees the loss come out of ``forward``. With ``cache``, the tokens occupy
-        positions ``start .. start+T-1``; ``positions`` [B, T] overrides the RoPE positions (left-padded
-        batches) and ``mask`` (bool, True = may attend, broadcastable to [B, H, T, S]) the causal mask.
-        A [B] tensor ``start`` gives every row its own cache position (slot-based batch decoding; pass
-        ``mask``). ``logits_at`` [B] returns [B, 1, V] for one position per row (right-padded rows).
-        ``compute_dtype`` sets the activations' dtype (e.g. an fp32 prefill of bf16 weights).
+        DDP/FSDP wrapper sees the loss come out of ``forward``. Inference passes ``cache`` (from
+        ``KVCache.view``): the rows and positions the tokens continue, and which logits to return.
         """
         T = idx.shape[1]
-        if isinstance(start, Tensor):
-            if positions is None:
-                positions = start[:, None] + torch.arange(T, device=idx.device)
-        elif start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if positions is None:
-            table = self.rope[start : start + T]
-            cos, sin = table[:, 0], table[:, 1]
-        else:
-            table = self.rope[positions].unsqueeze(1)  # [B, 1, T, 2, r/2]
-            cos, sin = table[..., 0, :], table[..., 1, :]
         x = self.embed(idx)
-        if compute_dtype is not None:
-            x = x.to(compute_dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache[i] if cache is not None else None, start, mask)
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise HavocError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            positions, mask, layers = torch.arange(T, device=idx.device), None, [None] * len(self.layers)
+        else:
+            positions, mask, layers = cache.prepare(T)
+            if cache.dtype is not None:
+                x = x.to(cache.dtype)
+        a = self.config.attention
+        _, rotary_dim = a.dims(self.config.d_model)
+        cos, sin = rope_cos_sin(positions, rotary_dim, a.rope_theta, x.dtype)
+        if positions.dim() == 2:  # one row of positions per sequence: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
+        for layer, layer_cache in zip(self.layers, layers, strict=True):
+            x = layer(x, cos, sin, layer_cache, mask)
         x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        elif logits_at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
-        # the head sees a 2-D input: a [1, 1, d] slice of [1, T, d] keeps its stride of T * d, and with
-        # it oneDNN's bf16 matmul copies the whole transposed head (0.9 s vs 19 ms on havoc-2b, LOG.md)
-        h = x.reshape(-1, x.shape[-1])
-        logits = F.linear(h, self.embed.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(h)
-        logits = logits.view(*x.shape[:-1], -1)
+        if cache is not None and isinstance(cache.logits_at, int):
+            x = x[:, cache.logits_at :][:, :1]
+        elif cache is not None and cache.logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), cache.logits_at][:, None]
+        logits = self.head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
+    def head(self, x: Tensor) -> Tensor:
+        """Logits of hidden states x [..., d_model]. The head sees a 2-D input: a [1, 1, d] slice of
+        [1, T, d] keeps its stride of T * d, and with it oneDNN's bf16 matmul copies the whole
+        transposed head (0.9 s vs 19 ms on havoc-2b, docs/LOG.md)."""
+        h = x.reshape(-1, x.shape[-1])
+        logits = F.linear(h, self.embed.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(h)
+        return logits.view(*x.shape[:-1], -1)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> HavocModel:
         """Load a checkpoint dir (or a run dir: its newest checkpoint) with its own complete config."""
-        from havoc_core.checkpoint import load_model
-
         return load_model(path, device=device, dtype=dtype)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HavocModel:
+    """Build the model from the checkpoint's own config.json (nothing from defaults) and load it;
+    every name and shape is checked against the config before anything is allocated."""
+    ckpt = find_checkpoint(path)
+    cfg = HavocConfig.load(ckpt / CONFIG_FILE)
+    state = load_weights(ckpt, cfg, device)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = HavocModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -17,7 +17,9 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from havoc_core.atomic import write_atomic
 from havoc_core.errors import HavocError
+from havoc_core.sources import read_documents
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0..5
 ROLES = ("system", "user", "assistant")
@@ -83,9 +85,7 @@ class HavocTokenizer:
     @classmethod
     def train_files(cls, paths: Iterable[str | Path], vocab_size: int = 70000, show_progress: bool = True,
                     skip_invalid: bool = False) -> HavocTokenizer:
-        """Train on text files or ``{"text": ...}`` JSONL (see ``corpus.read_documents``)."""
-        from havoc_core.corpus import read_documents
-
+        """Train on text files or ``{"text": ...}`` JSONL (see ``sources.read_documents``)."""
         return cls.train(list(read_documents(paths, skip_invalid=skip_invalid)), vocab_size, show_progress)
 
     @classmethod
@@ -105,10 +105,9 @@ class HavocTokenizer:
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(directory / TOKENIZER_FILE))
+        write_atomic(directory / TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = json.dumps(tokenizer_config_dict(self), indent=2, ensure_ascii=False)
-        (directory / TOKENIZER_CONFIG_FILE).write_text(config + "\n", encoding="utf-8")
+        write_atomic(directory / TOKENIZER_CONFIG_FILE, config + "\n")
 
     # ------------------------------------------------------------------ encoding
 
@@ -128,6 +127,10 @@ class HavocTokenizer:
         if role not in ROLES:
             raise HavocError(f"role: expected one of {', '.join(ROLES)}, found {role!r}")
         return 3 + ROLES.index(role)
+
+    def turn_stop_ids(self) -> list[int]:
+        """Ids that end a reply besides ``<|eos|>``: any token that would open another turn."""
+        return [self.bos_id, self.pad_id, *(self.role_id(r) for r in ROLES)]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

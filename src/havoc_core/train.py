@@ -1,8 +1,7 @@
 """One training loop for pretraining and SFT, from a laptop CPU to torchrun on many GPUs.
 
-Data order is a pure function of ``(seed, step, global row index)``: each row of a global batch is
-drawn from its own RNG stream. Resuming therefore needs only the step (plus model, optimizer and
-RNG states for dropout), and a global batch is the same rows whether it is split over 1 or N ranks.
+Data order is a pure function of ``(seed, step, global row index)`` (``batches``): resuming needs
+only the step, plus model, optimizer and RNG states (for dropout).
 
 Distributed runs go through ``torchrun`` only: DDP (gloo on CPU, NCCL on GPU) or FSDP2
 (``fully_shard``) with ``fsdp = true``. Rank 0 logs and writes.
@@ -15,116 +14,45 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-import tomllib
 import traceback
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from havoc_core.batches import PretrainBatches, SFTBatches
+from havoc_core.builtin_corpus import builtin_conversations
 from havoc_core.checkpoint import (
     OPTIMIZER_FILE,
+    RUN_DIRS,
     TRAINER_STATE_FILE,
+    config_from_source,
     find_checkpoint,
     list_checkpoints,
-    load_model,
     save_checkpoint,
+    step_dir,
 )
-from havoc_core.config import HavocConfig, from_dict, get_preset, to_dict
+from havoc_core.config import PRESETS, HavocConfig, to_dict
+from havoc_core.data import MANIFEST, load_conversations, read_manifest, tokenizer_hash
+from havoc_core.distributed import Distributed
 from havoc_core.errors import ConfigError, HavocError
-from havoc_core.generate import cpu_has_native_bf16
-from havoc_core.model import IGNORE_INDEX, HavocModel
+from havoc_core.evaluate import loss_sums
+from havoc_core.metrics import append_metrics, peak_flops, plot_run
+from havoc_core.model import IGNORE_INDEX, HavocModel, load_model
+from havoc_core.precision import cpu_has_native_bf16, training_dtype
+from havoc_core.tokenizer import HavocTokenizer
+from havoc_core.train_config import TrainConfig
 
-RUN_DIRS = {"pretrain": "checkpoints/havoc_phase0_pretrain", "sft": "checkpoints/havoc_phase1_sft"}
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved into every checkpoint's trainer_state.json."""
-
-    phase: Literal["pretrain", "sft"] = "pretrain"
-    init: str = "havoc-tiny"  # preset name, config.json, or checkpoint/run dir to start from
-    data: str = ""  # pretrain: a `havoc prepare` dir; sft: conversations JSONL ("" = built-in)
-    tokenizer: str = ""  # "" = the init checkpoint's or the data dir's tokenizer
-    out_dir: str = ""  # "" = checkpoints/havoc_phase0_pretrain or checkpoints/havoc_phase1_sft
-    max_steps: int = 1000
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1
-    seq_len: int = 0  # 0 = the model's max_seq_len (pretraining window length)
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 10
-    save_every: int = 500
-    keep_last: int = 3
-    seed: int = 1337
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA and native-bf16 CPUs
-    compile: bool = False
-    fsdp: bool = False
-    skip_invalid: bool = False  # sft: skip (and count) invalid conversations instead of failing
-
-    def validate(self, where: str = "train config: ") -> TrainConfig:
-        positive = ["max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                    "keep_last"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}{key}: expected a positive integer, found {getattr(self, key)}")
-        for key in ["seq_len", "warmup_steps"]:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}{key}: expected an integer >= 0, found {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError(f"{where}lr: expected a positive number, found {self.lr}")
-        for key in ["min_lr_ratio", "beta1", "beta2"]:
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"{where}{key}: expected a number in [0, 1], found {getattr(self, key)}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            key = "weight_decay" if self.weight_decay < 0 else "grad_clip"
-            raise ConfigError(f"{where}{key}: expected a number >= 0, found {getattr(self, key)}")
-        return self
-
-    @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Read a TOML or JSON file (strict keys and types), then apply ``overrides``."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot parse ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a table of settings")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ConfigError(f"{path}: {unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
-        return cls.from_settings({**data, **(overrides or {})}, where=f"{path}: ")
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any], where: str) -> TrainConfig:
-        """The defaults with ``settings`` on top, type-checked and validated."""
-        return from_dict(cls, {**to_dict(cls()), **settings}, where=where).validate(where)
-
-
-# --------------------------------------------------------------------------- schedule, flops
+# --------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
@@ -134,92 +62,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-_PEAK_CACHE: dict[str, float] = {}
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def training_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The matmul dtype of training: ``auto`` is bf16 autocast on CUDA and on CPUs with native bf16
-    (AVX512-BF16/AMX: 1.6x the fp32 training tokens/s on havoc-tiny and havoc-small here), else fp32."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Dense peak FLOP/s used for MFU: a table for known GPUs (bf16), else this CPU's matmul FLOP/s in
-    ``dtype`` measured once on a 1024^3 product (this machine: ~180 GFLOP/s fp32, ~420 bf16, 2 cores)."""
-    key = f"{device}/{dtype}"
-    if key not in _PEAK_CACHE:
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            _PEAK_CACHE[key] = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
-        else:  # best of 5 short trials: a busy moment (e.g. tokenizer threads winding down) can't deflate it
-            a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-            a @ b
-            best = 0.0
-            for _ in range(5):
-                n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < 0.08:
-                    a @ b
-                    n += 1
-                best = max(best, 2 * 1024**3 * n / (time.perf_counter() - t0))
-            _PEAK_CACHE[key] = best
-    return _PEAK_CACHE[key]
-
-
 # --------------------------------------------------------------------------- data
-
-class PretrainBatches:
-    """Random windows of ``seq_len + 1`` tokens from uint32 shards; row ``g`` of step ``s`` comes
-    from RNG stream ``(seed, s, g)``, so the data position is just the step."""
-
-    def __init__(self, data_dir: str, split: str, seq_len: int, seed: int) -> None:
-        from havoc_core.data import open_split
-
-        self.shards = [s for s in open_split(data_dir, split) if len(s) > seq_len + 1]
-        if not self.shards:
-            raise HavocError(f"{data_dir}: the {split} split has no shard longer than seq_len+1={seq_len + 1} tokens")
-        lengths = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
-        self.weights = lengths / lengths.sum()
-        self.seq_len, self.seed = seq_len, seed
-
-    def rows(self, step: int, rows: range) -> tuple[Tensor, Tensor]:
-        out = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
-        for i, g in enumerate(rows):
-            rng = np.random.default_rng([self.seed, step, g])
-            shard = self.shards[rng.choice(len(self.shards), p=self.weights) if len(self.shards) > 1 else 0]
-            start = int(rng.integers(0, len(shard) - self.seq_len - 1))
-            out[i] = shard[start : start + self.seq_len + 1]
-        t = torch.from_numpy(out)
-        return t[:, :-1], t[:, 1:]
-
-
-class SFTBatches:
-    """Whole conversations, reshuffled every epoch; targets are -100 outside assistant tokens."""
-
-    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int, seed: int) -> None:
-        if not examples:
-            raise HavocError("sft: no conversations to train on")
-        self.examples, self.pad_id, self.seed = examples, pad_id, seed
-
-    def _example(self, index: int) -> tuple[list[int], list[int]]:
-        epoch, i = divmod(index, len(self.examples))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self.examples[order[i]]
-
-    def rows(self, step: int, rows: range, global_batch: int) -> tuple[Tensor, Tensor]:
-        picked = [self._example(step * global_batch + g) for g in rows]
-        width = max(len(ids) for ids, _ in picked) - 1
-        x = torch.full((len(picked), width), self.pad_id, dtype=torch.long)
-        y = torch.full((len(picked), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, mask) in enumerate(picked):
-            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-            n = len(ids) - 1
-            x[i, :n] = ids_t[:-1]
-            y[i, :n] = torch.where(mask_t[1:], ids_t[1:], IGNORE_INDEX)
-        return x, y
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -258,40 +101,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Distributed:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- the trainer
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
-        from havoc_core.tokenizer import HavocTokenizer
-
         self.cfg = cfg.validate()
         self.dist = Distributed()
         self.out_dir = Path(cfg.out_dir or RUN_DIRS[cfg.phase])
@@ -335,8 +148,6 @@ class Trainer:
         if cfg.phase == "pretrain":
             if not cfg.data:
                 raise ConfigError("train config: data: expected a `havoc prepare` directory for pretraining")
-            from havoc_core.data import MANIFEST, read_manifest, tokenizer_hash
-
             made_with, using = read_manifest(cfg.data).get("tokenizer_hash"), tokenizer_hash(self.tokenizer)
             if made_with != using:
                 raise HavocError(f"{Path(cfg.data) / MANIFEST}: tokenizer_hash: the shards were made with tokenizer "
@@ -354,7 +165,7 @@ class Trainer:
         self.amp = (torch.autocast(device.type, dtype=torch.bfloat16)
                     if self.compute_dtype == torch.bfloat16 else nullcontext())
         if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard  # FSDP runs only: ~0.9 s of import time for every command
 
             for layer in model.layers:
                 fully_shard(layer)
@@ -377,35 +188,23 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def log(self, msg: str) -> None:
         if self.dist.main:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stderr)
 
     def _init_config(self, init: str) -> HavocConfig:
         """The model config to start from: a checkpoint's, a config.json's, or a preset's (whose
         vocab_size follows the tokenizer, said out loud)."""
-        if Path(init).is_dir():
-            from havoc_core.checkpoint import load_config
-
-            return load_config(init)
-        if Path(init).is_file():
-            return HavocConfig.load(init)
-        cfg = get_preset(init)
-        if self.tokenizer.vocab_size != cfg.vocab_size:
+        cfg = config_from_source(init)
+        if init in PRESETS and self.tokenizer.vocab_size != cfg.vocab_size:
             self.log(f"{init}: vocab_size set to {self.tokenizer.vocab_size} to match the tokenizer")
             cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.vocab_size)
         return cfg
 
     def _sft_data(self, max_len: int) -> tuple[SFTBatches, SFTBatches]:
-        from havoc_core.data import load_conversations
-
         if self.cfg.data:
             if not Path(self.cfg.data).is_file():
                 raise HavocError(f"{self.cfg.data}: no such conversations file")
             examples = load_conversations(self.cfg.data, self.tokenizer, max_len, skip_invalid=self.cfg.skip_invalid)
         else:
-            from havoc_core.corpus import builtin_conversations
-
             examples = load_conversations(builtin_conversations(), self.tokenizer, max_len,
                                           skip_invalid=self.cfg.skip_invalid)
         order = np.random.default_rng(self.cfg.seed).permutation(len(examples))
@@ -432,7 +231,7 @@ class Trainer:
             raise HavocError(f"{path}: missing; cannot resume the optimizer exactly")
         state = torch.load(path, map_location=self.dist.device, weights_only=True)
         if self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # FSDP only
 
             set_optimizer_state_dict(self.raw_model, self.optimizer, state,
                                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -442,7 +241,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state_dicts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # FSDP only
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_state_dict(self.raw_model, self.optimizer, options=opts)
@@ -456,7 +255,7 @@ class Trainer:
                      "data_position": {"step": self.step, "note": "batches are a pure function of (seed, step)"},
                      "rng": _rng_state(), "metrics": metrics, "train_config": to_dict(self.cfg),
                      "world_size": self.dist.world}
-            path = save_checkpoint(self.out_dir / f"checkpoint_step_{self.step}", model_state, self.model_config,
+            path = save_checkpoint(step_dir(self.out_dir, self.step), model_state, self.model_config,
                                    tokenizer=self.tokenizer, trainer_state=state, optimizer_state=optim_state)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -464,19 +263,12 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        total = torch.zeros(2, device=self.dist.device)
-        for i in range(self.cfg.eval_batches):
-            x, y = self._batch(self.val_data, 0, i, self.cfg.batch_size)
-            with self.amp:
-                loss = self.model(x, y)
-            n = (y != IGNORE_INDEX).sum()
-            total += torch.stack([loss.float() * n, n.float()])
+        """Mean validation loss over ``eval_batches`` fixed batches, over all ranks."""
+        batches = (self._batch(self.val_data, 0, i, self.cfg.batch_size) for i in range(self.cfg.eval_batches))
+        total = torch.stack([t.float() for t in loss_sums(self.model, batches, self.amp)])
         if self.dist.world > 1:
             dist.all_reduce(total)
-        self.model.train()
         return (total[0] / total[1].clamp(min=1)).item()
 
     # ------------------------------------------------------------------ the loop
@@ -488,15 +280,12 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        metrics_path = self.out_dir / METRICS_FILE
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         self.model.train()
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.phase, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
         last: dict[str, Any] = {}
@@ -538,8 +327,7 @@ class Trainer:
                         "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
                         "time": round(time.time(), 3)}
                 if self.dist.main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                    append_metrics(self.out_dir, last)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
@@ -547,8 +335,7 @@ class Trainer:
                     val = self.evaluate()
                     last["val_loss"] = round(val, 6)
                     if self.dist.main:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": self.step, "val_loss": round(val, 6)}) + "\n")
+                        append_metrics(self.out_dir, {"step": self.step, "val_loss": round(val, 6)})
                     self.log(f"step {self.step:>6} | train loss {loss_value:.4f} | val loss {val:.4f} | "
                              f"ppl {math.exp(min(val, 50)):.1f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
@@ -594,49 +381,6 @@ class Trainer:
 
 # --------------------------------------------------------------------------- metrics and plots
 
-def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
-    """Last training record and val loss per step (a resumed run re-writes later steps)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise HavocError(f"{path}: no metrics yet (train first)")
-    train: dict[int, dict[str, Any]] = {}
-    val: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "val_loss" in rec and "loss" not in rec:
-            val[rec["step"]] = rec["val_loss"]
-        else:
-            train[rec["step"]] = rec
-    return train, val
-
-
-def plot_run(run_dir: str | Path) -> Path:
-    """Write ``loss.png`` (train and validation loss against step) beside the run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise HavocError("plotting needs matplotlib: pip install 'havoc[train]'") from None
-    train, val = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = sorted(train)
-    ax.plot(steps, [train[s]["loss"] for s in steps], label="train", lw=1)
-    if val:
-        vs = sorted(val)
-        ax.plot(vs, [val[s] for s in vs], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
-
-
 def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     trainer = Trainer(cfg, resume=resume, progress=progress)
     dist_env = trainer.dist
@@ -651,46 +395,3 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         del trainer
         gc.collect()
         dist_env.close()
-
-
-def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 8, max_batches: int = 50,
-                        seq_len: int = 0) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte of a checkpoint on a prepared dir's val split
-    (sequential windows) or a conversations JSONL (assistant tokens)."""
-    from havoc_core.tokenizer import HavocTokenizer
-
-    model = load_model(checkpoint)
-    tok = HavocTokenizer.load(find_checkpoint(checkpoint))
-    seq_len = seq_len or model.config.max_seq_len
-    batches: Iterator[tuple[Tensor, Tensor]]
-    if Path(data).is_dir():
-        from havoc_core.data import open_split
-
-        stream = np.concatenate([np.asarray(s) for s in open_split(data, "val")]).astype(np.int64)
-        n_win = min(max_batches * batch_size, (len(stream) - 1) // seq_len)
-        if n_win == 0:
-            raise HavocError(f"{data}: val split shorter than one window of {seq_len + 1} tokens")
-        windows = torch.from_numpy(stream[: n_win * seq_len + 1])
-        xs = windows[:-1].view(n_win, seq_len)
-        ys = windows[1:].view(n_win, seq_len)
-        batches = ((xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, n_win, batch_size))
-    elif Path(data).is_file():
-        from havoc_core.data import load_conversations
-
-        examples = load_conversations(data, tok, model.config.max_seq_len)
-        sft = SFTBatches(examples, tok.pad_id, 0)
-        n = min(len(examples), max_batches * batch_size)
-        batches = (sft.rows(0, range(i, min(i + batch_size, n)), 0) for i in range(0, n, batch_size))
-    else:
-        raise HavocError(f"{data}: no such data dir or conversations file")
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            loss = model(x, y)
-            n = int((y != IGNORE_INDEX).sum())
-            total_nats += loss.item() * n
-            total_tokens += n
-            total_bytes += sum(len(tok.decode(row[row != IGNORE_INDEX].tolist()).encode("utf-8")) for row in y)
-    loss = total_nats / max(1, total_tokens)
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens,
-            "bits_per_byte": total_nats / math.log(2) / max(1, total_bytes)}

@@ -1,0 +1,192 @@
+"""The thread that owns the model in ``havoc serve``: continuous batching over one ``Engine``.
+
+``EngineLoop`` admits queued requests into free slots between two decode steps (the slot whose
+cache holds the longest prefix of the prompt, so a conversation's next turn prefills only its new
+tokens), runs one batched decode step for all running requests, and hands each request its text
+deltas and, at the end, a ``Done``; a request whose client left is stopped at the next step. The
+asyncio side only puts requests in and awaits what comes back: it never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from havoc_core.engine import Completion, Engine
+from havoc_core.openai_api import ApiError
+from havoc_core.sampling import SamplingParams
+
+
+@dataclass
+class Done:
+    """The end of a request: the engine's ``Completion`` and how many prompt tokens its slot's
+    cache already held (reported as ``usage.prompt_tokens_details.cached_tokens``)."""
+
+    completion: Completion
+    cached: int
+
+
+@dataclass
+class _Request:
+    """One generation request as the engine thread sees it; results go back through ``out``."""
+
+    ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[str | Done | ApiError] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the event loop when the client is gone
+    cached: int = 0  # prompt tokens found in the slot's cache (not prefilled again)
+
+
+def _deliver(items: list[tuple[_Request, str | Done | ApiError]]) -> None:
+    for request, item in items:
+        request.out.put_nowait(item)
+
+
+class EngineLoop:
+    """The thread that owns an ``Engine``: admits queued requests into free slots (the slot whose
+    cache holds the longest prefix of the prompt), runs one batched decode step for all running
+    requests, and hands each request its text deltas and, at the end, a ``Done``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}
+        self._thread = threading.Thread(target=self._loop, name="havoc-engine", daemon=True)
+        self._outbox: list[tuple[_Request, str | Done | ApiError]] = []
+        self.counts = {"completed": 0, "aborted": 0, "failed": 0}
+        self.batch_peak = 0  # the most requests decoded in one step so far
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        return {"slots": len(self.engine.slots), "running": len(self._running),
+                "waiting": len(self._waiting) + self._inbox.qsize(), "batch_peak": self.batch_peak,
+                "requests": dict(self.counts)}
+
+    async def generate(self, ids: list[int], params: SamplingParams) -> AsyncIterator[str | Done]:
+        """Text deltas, then ``Done``. Leaving early (client gone) stops the request."""
+        if not self.alive():
+            raise ApiError(503, "the server is shutting down", kind="server_error")
+        request = _Request(ids, params, asyncio.get_running_loop())
+        self._inbox.put(request)
+        try:
+            while True:
+                item = await request.out.get()
+                if isinstance(item, ApiError):
+                    raise item
+                yield item
+                if isinstance(item, Done):
+                    return
+        finally:
+            request.cancelled = True  # no effect once finished; otherwise frees the slot at the next step
+
+    # ------------------------------------------------------------------ engine thread only
+
+    def _loop(self) -> None:
+        try:
+            while self._take(block=not self._running and not self._waiting):
+                for slot, request in list(self._running.items()):
+                    if request.cancelled:
+                        self.engine.finish(slot)
+                        del self._running[slot]
+                        self.counts["aborted"] += 1
+                self._admit()
+                if self._running:
+                    self._step()
+                self._flush()
+        finally:  # closing (or a bug here): nobody may wait forever
+            self._take(block=False)
+            for request in [*self._running.values(), *self._waiting]:
+                self._send(request, ApiError(503, "the server is shutting down", kind="server_error"))
+            self._flush()
+
+    def _send(self, request: _Request, item: str | Done | ApiError) -> None:
+        self._outbox.append((request, item))
+
+    def _flush(self) -> None:
+        """Hand this step's output to the event loop(s) in one wake-up each, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, str | Done | ApiError]]] = {}
+        for request, item in self._outbox:
+            by_loop.setdefault(request.loop, []).append((request, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for request, _ in items:
+                    request.cancelled = True
+
+    def _take(self, block: bool) -> bool:
+        """Move new requests from the inbox to the waiting line (waiting for one when idle);
+        False once the server is closing."""
+        try:
+            item = self._inbox.get(block=block)
+            while item is not None:
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+            return False
+        except queue.Empty:
+            return True
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots; those admitted together share prefill passes."""
+        batch: list[tuple[int, _Request]] = []
+        while self._waiting:
+            slot = self.engine.free_slot(self._waiting[0].ids, exclude={s for s, _ in batch})
+            if slot is None:
+                break
+            request = self._waiting.popleft()
+            if request.cancelled:
+                self.counts["aborted"] += 1
+                continue
+            batch.append((slot, request))
+        if not batch:
+            return
+        try:
+            self.engine.add_batch([(r.ids, r.params, slot) for slot, r in batch])
+        except Exception as e:  # validated before queueing, so this is a server fault
+            for slot, request in batch:
+                self.engine.remove(slot)
+                self.counts["failed"] += 1
+                self._send(request, ApiError(500, f"prefill failed: {e}", kind="server_error"))
+            return
+        for slot, request in batch:
+            request.cached = self.engine.slots[slot].cached  # type: ignore[union-attr]
+            self._running[slot] = request
+
+    def _step(self) -> None:
+        self.batch_peak = max(self.batch_peak, len(self._running))
+        try:
+            events = self.engine.step()
+        except Exception as e:  # e.g. NaN logits: fail the batch, keep serving
+            for slot, request in self._running.items():
+                self.engine.remove(slot)
+                self._send(request, ApiError(500, f"generation failed: {e}", kind="server_error"))
+            self.counts["failed"] += len(self._running)
+            self._running.clear()
+            return
+        for event in events:
+            request = self._running[event.slot]
+            if event.text:
+                self._send(request, event.text)
+            if event.finish_reason is not None:
+                self._send(request, Done(self.engine.result(event.slot), request.cached))
+                del self._running[event.slot]
+                self.counts["completed"] += 1
+
+
