@@ -17,7 +17,7 @@ demo: $(VENV)
 	.venv/bin/havoc demo
 
 test: $(VENV)
-	.venv/bin/ruff check src tests bench chat_havoc.py
+	.venv/bin/ruff check src tests bench chat_havoc.py test_chat.py
 	$(PY) -m pytest -q
 
 bench: $(VENV)  # each prints HAVOC vs transformers on the same shapes, as ratios

@@ -1,5 +1,9 @@
 """The demo pipeline end to end, shrunk: built-in corpus -> tokenizer -> shards -> pretrain -> SFT -> answers."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 from havoc_core.checkpoint import list_checkpoints
 from havoc_core.demo import DEMO_QUESTIONS, DemoPlan, run_demo
 
@@ -17,3 +21,10 @@ def test_demo_pipeline_end_to_end_then_reuse(tmp_path, capsys):
     assert run_demo(plan, interactive=False) == 0
     again = capsys.readouterr()
     assert again.out == out and "pretraining" not in again.err and "tokenizer" not in again.err
+
+    # the user's own command: `python test_chat.py CKPT` loads it and answers 3 test prompts (havoc smoke)
+    root = Path(__file__).resolve().parents[1]
+    smoke = subprocess.run([sys.executable, str(root / "test_chat.py"), plan.sft_dir], capture_output=True,
+                           text=True, timeout=300)
+    assert smoke.returncode == 0, smoke.stderr
+    assert smoke.stdout.count("\nHAVOC: ") == 3 and "smoke test passed" in smoke.stdout, smoke.stdout
