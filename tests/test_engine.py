@@ -190,3 +190,57 @@ def test_prefix_reuse_prefills_only_new_tokens(model, tok, reference_greedy, pro
     while engine.active():
         engine.step()
     assert engine.result(s).ids == reference_greedy(model, follow, GREEDY.max_new_tokens)
+
+
+# --------------------------------------------------------------------------- logprobs, n, penalties
+
+def test_logprobs_are_the_models_own_log_softmax(model, tok, prompt_ids):
+    """Generated and prompt logprobs equal log-softmax in fp32 of the model's own full forward pass."""
+    import torch
+
+    ids = prompt_ids(PROMPTS[3])
+    got = Engine(model, tok).generate([ids], SamplingParams(temperature=0, max_new_tokens=10, logprobs=5))[0]
+    assert got.logprobs is not None and [lp.token for lp in got.logprobs] == got.ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids + got.ids]))[0].float().log_softmax(-1)
+    for i, lp in enumerate(got.logprobs):
+        row = ref[len(ids) - 1 + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token]), abs=1e-5)
+        assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()
+        assert lp.top[0][0] == lp.token  # greedy picks the top one
+    scored = Engine(model, tok).score(ids + got.ids, top=3)
+    assert scored[0] is None and len(scored) == len(ids) + len(got.ids)
+    for i, s in enumerate(scored[1:], start=1):
+        assert s.token == (ids + got.ids)[i]
+        assert s.logprob == pytest.approx(float(ref[i - 1, s.token]), abs=1e-5) and len(s.top) == 3
+    plain = Engine(model, tok).generate([ids], SamplingParams(temperature=0, max_new_tokens=10))[0]
+    assert plain.logprobs is None and plain.ids == got.ids
+
+
+def test_n_samples_share_one_prefill_and_equal_their_seeds(model, tok, prompt_ids):
+    ids = prompt_ids(PROMPTS[1])
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=40, n=3)
+    engine = Engine(model, tok, max_batch=4)
+    rows = []  # (batch, tokens) of every forward pass
+    hook = model.register_forward_pre_hook(lambda _m, args: rows.append(tuple(args[0].shape)))
+    try:
+        many = engine.generate([ids], params)
+    finally:
+        hook.remove()
+    assert rows[0] == (1, len(ids)) and all(r == (3, 1) for r in rows[1:])  # one prefilled row, 3 decoded
+    single = [Engine(model, tok).generate([ids], SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8,
+                                                                seed=40 + j))[0].ids for j in range(3)]
+    assert [c.ids for c in many] == single and len({tuple(s) for s in single}) > 1
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(model, tok, prompt_ids):
+    with pytest.raises(HavocError, match="logit_bias: token ids must be below the vocabulary size 1024"):
+        Engine(model, tok).add(prompt_ids("x"), SamplingParams(logit_bias={5000: 1.0}))
+
+
+def test_frequency_penalty_stops_a_greedy_loop(model, tok, prompt_ids):
+    ids = prompt_ids(PROMPTS[2])
+    plain = Engine(model, tok).generate([ids], SamplingParams(temperature=0, max_new_tokens=40))[0].ids
+    penalised = Engine(model, tok).generate([ids], SamplingParams(temperature=0, max_new_tokens=40,
+                                                                  presence_penalty=2.0, frequency_penalty=2.0))[0].ids
+    assert len(set(penalised)) > len(set(plain))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from havoc_core import HavocError
-from havoc_core.sampling import SamplingParams, sample_token
+from havoc_core.sampling import SamplingParams, sample_token, sample_tokens
 
 
 def test_sampling_filters():
@@ -21,9 +21,45 @@ def test_sampling_filters():
                         torch.tensor([True, False])) == 1
 
 
+def test_openai_penalties_logit_bias_and_min_p():
+    """OpenAI's definitions on logits whose preferences are known: logit - count * frequency -
+    (count > 0) * presence, + logit_bias; min_p keeps tokens at least min_p times the top one."""
+    logits = torch.tensor([1.0, 5.0, 4.0, -2.0, 0.0])
+    greedy = SamplingParams(temperature=0.0)
+    counts = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    assert sample_tokens(logits[None], [greedy], [None], [None], [counts]) == [1]  # no penalty set: ignored
+    presence = SamplingParams(temperature=0.0, presence_penalty=1.5)  # 5 - 1.5 < 4
+    assert sample_tokens(logits[None], [presence], [None], [None], [counts]) == [2]
+    assert sample_tokens(logits[None], [SamplingParams(temperature=0.0, presence_penalty=0.9)], [None], [None],
+                         [counts]) == [1]
+    frequency = SamplingParams(temperature=0.0, frequency_penalty=0.6)  # twice: 5 - 1.2 < 4; once: 4.4 > 4
+    assert sample_tokens(logits[None], [frequency], [None], [None], [counts * 2]) == [2]
+    assert sample_tokens(logits[None], [frequency], [None], [None], [counts]) == [1]
+    negative = SamplingParams(temperature=0.0, presence_penalty=-2.0)  # a negative penalty favours repeats
+    assert sample_tokens(torch.tensor([[3.0, 4.0]]), [negative], [None], [None], [torch.tensor([1.0, 0.0])]) == [0]
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias={4: 5.5})) == 4
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias={1: -100})) == 2
+    gen = torch.Generator().manual_seed(0)
+    banned = SamplingParams(temperature=1.0, top_p=1.0, logit_bias={1: -100, 2: -100})
+    assert 1 not in {sample_token(logits, banned, gen) for _ in range(200)}
+    # p(2) / p(1) = e^-1 = 0.37: min_p 0.3 keeps both, 0.5 only the top one
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_p=1.0, min_p=0.3), gen) for _ in range(300)} \
+        == {1, 2}
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_p=1.0, min_p=0.5), gen) for _ in range(100)} \
+        == {1}
+
+
+def test_n_samples_get_consecutive_seeds():
+    assert [p.seed for p in SamplingParams(seed=7, n=3).samples()] == [7, 8, 9]
+    assert all(p.n == 1 for p in SamplingParams(n=2).samples()) and len(SamplingParams(n=2).samples()) == 2
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
                                          ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
-                                         ("repetition_penalty", 0.0), ("stop", [""])])
+                                         ("repetition_penalty", 0.0), ("stop", [""]), ("presence_penalty", 2.5),
+                                         ("frequency_penalty", -3), ("min_p", 1.5), ("n", 9), ("n", 0),
+                                         ("logprobs", 21), ("logprobs", True), ("logit_bias", {3: 101}),
+                                         ("logit_bias", {-1: 1.0}), ("logit_bias", {"a": 1.0})])
 def test_bad_sampling_values_name_the_field(field, value):
     with pytest.raises(HavocError, match=field):
         SamplingParams(**{field: value}).validate()

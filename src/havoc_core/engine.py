@@ -41,6 +41,16 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax in fp32 of its raw logits, before any
+    sampling parameter) and the ``top`` most likely (id, logprob) at that position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     """One step of one request: the token just produced (the stop token too) and the text it adds."""
 
@@ -48,6 +58,7 @@ class Event:
     token: int
     text: str
     finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Completion:
     ids: list[int]  # generated ids, without the stop token
     text: str
     finish_reason: FinishReason | None
+    logprobs: list[TokenLogprob] | None = None  # one per id, when the request asked for them
 
 
 class SlotState(enum.Enum):
@@ -79,6 +91,8 @@ class Slot:
     stream: TextStream | None = None
     generator: torch.Generator | None = None
     seen: Tensor | None = None  # ids seen so far, for the repetition penalty
+    counts: Tensor | None = None  # how often each id was generated, for presence/frequency penalties
+    logprobs: list[TokenLogprob] | None = None  # one per sampled token, when asked for
 
     @property
     def active(self) -> bool:
@@ -122,6 +136,10 @@ class Engine:
         taken: set[int] = set()
         for prompt, params, slot in requests:
             params = (params or SamplingParams()).validate()
+            vocab = self.model.config.vocab_size
+            if any(int(k) >= vocab for k in params.logit_bias):
+                raise HavocError(f"logit_bias: token ids must be below the vocabulary size {vocab}, found "
+                                 f"{max(int(k) for k in params.logit_bias)}")
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if not ids:
                 raise HavocError("prompt: expected at least one token, found an empty prompt")
@@ -144,7 +162,18 @@ class Engine:
             # the cache holds ids[:keep]; an interrupted prefill leaves that true
             self.slots[slot] = Slot(tokens=ids[:keep], params=params, prompt_len=len(ids), cached=keep)
             states.append(self.slots[slot])
-        logits = self._prefill_rows([(slot, ids[keep:], keep) for slot, ids, keep, _ in rows])
+        # identical prompts (the n samples of one request) are prefilled once; copies get its cache rows
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(ids), j) for j, (_, ids, _, _) in enumerate(rows)]
+        unique = sorted(set(source))
+        logits = self._prefill_rows([(rows[j][0], rows[j][1][rows[j][2]:], rows[j][2]) for j in unique])
+        for j, (slot, ids, _, _) in enumerate(rows):
+            if source[j] != j:
+                src = rows[source[j]][0]
+                for t in (*self.cache.k, *self.cache.v):
+                    t[slot, :, : len(ids)] = t[src, :, : len(ids)]
+        if len(unique) < len(rows):
+            logits = logits[[unique.index(src) for src in source]]
         for state, (_, ids, _keep, params) in zip(states, rows, strict=True):
             state.tokens = ids
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
@@ -152,6 +181,10 @@ class Engine:
             if params.repetition_penalty != 1.0:
                 state.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
                 state.seen[ids] = True
+            if params.presence_penalty or params.frequency_penalty:
+                state.counts = torch.zeros(logits.shape[-1])
+            if params.logprobs is not None:
+                state.logprobs = []
             if self.tokenizer is not None:
                 state.stream = TextStream(self.tokenizer, params.stop)
         self._sample_rows(states, logits)
@@ -207,7 +240,22 @@ class Engine:
         if s is None:
             raise HavocError(f"slot {slot}: empty")
         text = s.stream.text if s.stream is not None else ""
-        return Completion(s.prompt_len, list(s.generated), text, s.finish_reason)
+        logprobs = s.logprobs[: len(s.generated)] if s.logprobs is not None else None
+        return Completion(s.prompt_len, list(s.generated), text, s.finish_reason, logprobs)
+
+    @torch.inference_mode()
+    def score(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each token's logprob given the ones before it (the first has no context: None), and the
+        ``top`` most likely at each position: one full forward pass outside the cache, in the
+        model's dtype, log-softmax in fp32 (what `echo` + `logprobs` report for a prompt)."""
+        ids = [int(t) for t in ids]
+        if not ids or len(ids) > self.max_len:
+            raise HavocError(f"prompt: expected 1 to {self.max_len} tokens to score, found {len(ids)}")
+        logits = self.model(torch.tensor([ids], device=self.device))[0, :-1].float().cpu()
+        lp = logits.log_softmax(-1)
+        picked = lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        tops = _top(lp, top)
+        return [None] + [TokenLogprob(t, v, k) for t, v, k in zip(ids[1:], picked, tops, strict=True)]
 
     # ------------------------------------------------------------------ drivers
 
@@ -226,15 +274,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int] | str],
                  params: SamplingParams | None = None) -> list[Completion]:
-        """Complete every prompt, ``max_batch`` at a time; a finished request's slot goes to the next prompt."""
-        results: list[Completion | None] = [None] * len(prompts)
+        """Complete every prompt, ``max_batch`` at a time; a finished request's slot goes to the next
+        prompt. With ``params.n`` > 1, n completions per prompt (prompt-major), sample j seeded with
+        ``seed + j``; copies that are prefilled together share one prefill."""
+        samples = (params or SamplingParams()).validate().samples()
+        jobs = [(prompt, p) for prompt in prompts for p in samples]
+        results: list[Completion | None] = [None] * len(jobs)
         owner: dict[int, int] = {}
-        queue = list(range(len(prompts)))
+        queue = list(range(len(jobs)))
         while queue or owner:
             free = sum(s is None for s in self.slots)
             if queue and free:  # every prompt that fits joins in one batched prefill
                 batch, queue = queue[:free], queue[free:]
-                for slot, j in zip(self.add_batch([(prompts[j], params, None) for j in batch]), batch, strict=True):
+                for slot, j in zip(self.add_batch([(*jobs[j], None) for j in batch]), batch, strict=True):
                     owner[slot] = j
             self.step()
             for slot in [i for i in owner if not self._is_active(i)]:
@@ -260,26 +312,38 @@ class Engine:
             return self._end(i, s, token, stream.finish() if stream else "", "stop")
         s.generated.append(token)
         text = stream.push(token) if stream else ""
+        logprob = s.logprobs[-1] if s.logprobs else None
         if stream is not None and stream.stopped:
-            return self._end(i, s, token, text, "stop")
+            return self._end(i, s, token, text, "stop", logprob)
         if len(s.generated) >= s.params.max_new_tokens or len(s.tokens) + 1 >= self.max_len:
-            return self._end(i, s, token, text + (stream.finish() if stream else ""), "length")
-        return Event(i, token, text)
+            return self._end(i, s, token, text + (stream.finish() if stream else ""), "length", logprob)
+        return Event(i, token, text, None, logprob)
 
-    def _end(self, i: int, s: Slot, token: int, text: str, reason: FinishReason) -> Event:
+    def _end(self, i: int, s: Slot, token: int, text: str, reason: FinishReason,
+             logprob: TokenLogprob | None = None) -> Event:
         s.state, s.finish_reason = SlotState.FINISHED, reason
-        return Event(i, token, text, reason)
+        return Event(i, token, text, reason, logprob)
 
     def _sample_rows(self, states: list[Slot], logits: Tensor) -> None:
         """Sample every state's next (pending) token from its row of logits [N, V], in one batch."""
         if torch.isnan(logits.sum()):  # a sum is ~5x cheaper than isnan(logits).any() at [8, 8192]
             raise HavocError("the model produced NaN logits: its weights are broken (diverged training or a bad file)")
         tokens = sample_tokens(logits, [s.params for s in states], [s.generator for s in states],
-                               [s.seen for s in states])
+                               [s.seen for s in states], [s.counts for s in states])
+        want = [j for j, s in enumerate(states) if s.logprobs is not None]
+        if want:  # only requests that ask pay for the log-softmax
+            lp = (logits if len(want) == len(states) else logits[want]).float().log_softmax(-1)
+            picked = lp.gather(-1, torch.tensor([tokens[j] for j in want])[:, None])[:, 0].tolist()
+            tops = _top(lp, max(states[j].params.logprobs or 0 for j in want))
+            for r, j in enumerate(want):
+                k = states[j].params.logprobs or 0
+                states[j].logprobs.append(TokenLogprob(tokens[j], picked[r], tops[r][:k]))  # type: ignore[union-attr]
         for s, token in zip(states, tokens, strict=True):
             s.pending = token
             if s.seen is not None:
                 s.seen[token] = True
+            if s.counts is not None:
+                s.counts[token] += 1
 
     @torch.inference_mode()
     def _prefill_rows(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
@@ -351,6 +415,14 @@ def _onednn_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = old
+
+
+def _top(lp: Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The ``k`` most likely (id, logprob) of each row of lp [N, V]."""
+    if k <= 0:
+        return [[] for _ in range(lp.shape[0])]
+    values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

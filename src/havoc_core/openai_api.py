@@ -60,11 +60,30 @@ class Message(Body):
 
 class StreamOptions(Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # newer clients send it; the padding it asks for is optional
+    continuous_usage_stats: bool | None = None  # vLLM's; usage comes in the last chunk only
+
+
+def _prompt(value: Any) -> Any:
+    """A prompt is a string, a list of strings, a list of token ids or a list of such lists."""
+    expected = "expected a non-empty string, a list of them, a list of token ids or a list of lists of token ids"
+    items = [value] if isinstance(value, str) or (isinstance(value, list) and value and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(expected)
+    for item in items:
+        if isinstance(item, str) and item:
+            continue
+        if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            continue
+        raise ValueError(expected)
+    return items
 
 
 class Sampling(Body):
-    """Fields shared by both endpoints; ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (for
-    benchmarks: always ``max_tokens``) are extensions, named as in vLLM."""
+    """Fields shared by both endpoints; ``top_k``, ``min_p``, ``repetition_penalty`` and
+    ``ignore_eos`` (for benchmarks: always ``max_tokens``) are extensions, named as in vLLM. The
+    bookkeeping fields (``store``, ``metadata``, ``user``, ...) are accepted and change nothing."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -78,17 +97,43 @@ class Sampling(Body):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=8)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (a string: JSON keys are) -> [-100, 100]
+    min_p: float = Field(0.0, ge=0, le=1)
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    # in the API, not possible here: refused by name (serve.UNSUPPORTED says why)
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompt)]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo + logprobs)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
 
 
 def parse_body(cls: type[Body], body: bytes) -> Any:
@@ -139,7 +184,9 @@ COMPLETION = Shape("cmpl", "text_completion", "text_completion", chat=False)
 
 @dataclass
 class Reply:
-    """OpenAI response bodies for one request: the whole answer, or stream chunks."""
+    """OpenAI response bodies for one request: the whole answer, or stream chunks. A choice is
+    the dict that sits in ``choices`` without ``index`` and ``finish_reason`` (``message`` or
+    ``text``, and ``logprobs``)."""
 
     shape: Shape
     id: str
@@ -147,32 +194,34 @@ class Reply:
     prompt_tokens: int
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def whole(self, c: Completion, cached: int) -> dict[str, Any]:
-        body = {"message": {"role": "assistant", "content": c.text}} if self.shape.chat else {"text": c.text}
-        return self._envelope(self.shape.object, body, c.finish_reason, self.usage(c, cached))
+    def whole(self, choices: list[tuple[dict[str, Any], str | None]], completions: list[Completion],
+              cached: int) -> dict[str, Any]:
+        body = self._envelope(self.shape.object, self.usage(completions, cached))
+        body["choices"] = [{"index": i, **c, "finish_reason": r} for i, (c, r) in enumerate(choices)]
+        return body
 
-    def chunk(self, text: str = "", reason: str | None = None, opening: bool = False) -> dict[str, Any]:
+    def chunk(self, index: int = 0, text: str = "", reason: str | None = None, opening: bool = False,
+              logprobs: Any = None) -> dict[str, Any]:
         if self.shape.chat:
             delta = {"role": "assistant", "content": ""} if opening else {"content": text} if text else {}
-            return self._envelope(self.shape.chunk_object, {"delta": delta}, reason)
-        return self._envelope(self.shape.chunk_object, {"text": text}, reason)
+            choice: dict[str, Any] = {"delta": delta}
+        else:
+            choice = {"text": text}
+        body = self._envelope(self.shape.chunk_object)
+        body["choices"] = [{"index": index, **choice, "logprobs": logprobs, "finish_reason": reason}]
+        return body
 
-    def usage_chunk(self, c: Completion, cached: int) -> dict[str, Any]:
-        return {**self._envelope(self.shape.chunk_object, None, None, self.usage(c, cached)), "choices": []}
+    def usage_chunk(self, completions: list[Completion], cached: int) -> dict[str, Any]:
+        return {**self._envelope(self.shape.chunk_object, self.usage(completions, cached)), "choices": []}
 
-    def usage(self, c: Completion, cached: int) -> dict[str, Any]:
-        n = len(c.ids)
+    def usage(self, completions: list[Completion], cached: int) -> dict[str, Any]:
+        n = sum(len(c.ids) for c in completions)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def _envelope(self, obj: str, choice: dict[str, Any] | None, reason: str | None,
-                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _envelope(self, obj: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                 "system_fingerprint": None}
-        if choice is not None:
-            body["choices"] = [{"index": 0, **choice, "logprobs": None, "finish_reason": reason}]
         if usage is not None:
             body["usage"] = usage
         return body
-
-

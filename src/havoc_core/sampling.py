@@ -8,8 +8,8 @@ else shares its batch. CLI flags are generated from ``SamplingParams``' fields a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,10 @@ from havoc_core.errors import HavocError
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class SamplingError(HavocError):
@@ -46,6 +50,22 @@ class SamplingParams:
     stop_ids: Sequence[int] = field(default=(), metadata={"cli": False})  # besides the model's eos, which always stops
     # benchmarks: always generate max_new_tokens (stop strings still apply)
     ignore_eos: bool = field(default=False, metadata={"help": "generate max_new_tokens even past <|eos|>"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: subtract from the logit of every token generated so far, in [-2, 2]; 0 = off"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: subtract this times each token's count so far, in [-2, 2]; 0 = off"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 = off"})
+    # token id -> added to its logit, in [-100, 100] (OpenAI's logit_bias); the engine checks the ids
+    logit_bias: Mapping[int, float] = field(default_factory=dict, metadata={"cli": False})
+    n: int = field(default=1, metadata={"cli": False})  # independent samples of one prompt (Engine.generate)
+    logprobs: int | None = field(default=None, metadata={"cli": False})  # report this many alternatives (0-20)
+
+    def samples(self) -> list[SamplingParams]:
+        """The ``n`` single-sample params of this request: sample j is seeded with ``seed + j``."""
+        if self.n == 1:
+            return [self]
+        return [replace(self, n=1, seed=None if self.seed is None else self.seed + j) for j in range(self.n)]
 
     def validate(self) -> SamplingParams:
         """SamplingError naming the first value out of range; returns self for chaining."""
@@ -57,6 +77,17 @@ class SamplingParams:
             ("top_p", self.top_p, _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty,
              _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("presence_penalty", self.presence_penalty,
+             _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "a number in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty,
+             _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "a number in [-2, 2]"),
+            ("min_p", self.min_p, _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("n", self.n, _int(self.n) and 1 <= self.n <= 8, "an integer in [1, 8]"),
+            ("logprobs", self.logprobs, self.logprobs is None or _int(self.logprobs) and 0 <= self.logprobs <= 20,
+             "null or an integer in [0, 20]"),
+            ("logit_bias", self.logit_bias, isinstance(self.logit_bias, Mapping) and all(
+                _int(k) and k >= 0 and _finite(v) and -100 <= v <= 100 for k, v in self.logit_bias.items()),
+             "token ids >= 0 mapped to numbers in [-100, 100]"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
@@ -74,11 +105,15 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
-                  generators: Sequence[torch.Generator | None], seen: Sequence[Tensor | None]) -> list[int]:
+                  generators: Sequence[torch.Generator | None], seen: Sequence[Tensor | None],
+                  counts: Sequence[Tensor | None] | None = None) -> list[int]:
     """``sample_token`` for every row of logits [N, V] at once, each row with its own params,
-    generator and seen ids. Every row draws from its own generator (one uniform, sampling rows
-    only) and every operation is row-wise, so a seeded request gets the same tokens in any batch."""
+    generator, seen ids and ``counts`` (float [V]: how often each id was generated, for the
+    presence/frequency penalties). Every row draws from its own generator (one uniform, sampling
+    rows only) and every operation is row-wise, so a seeded request gets the same tokens in any batch."""
     logits = logits.float()
+    if any(p.presence_penalty or p.frequency_penalty or p.logit_bias for p in params):
+        logits = _openai_penalties(logits, params, counts)
     n, vocab = logits.shape
     penalties = [p.repetition_penalty if s is not None else 1.0 for p, s in zip(params, seen, strict=True)]
     if any(r != 1.0 for r in penalties):
@@ -100,6 +135,9 @@ def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
     ps = [params[i] for i in rows]
     x = logits if len(rows) == n else logits[rows]
     x = x / torch.tensor([p.temperature for p in ps], dtype=x.dtype)[:, None]
+    if any(p.min_p > 0 for p in ps):  # probability >= min_p * the top one's, in logit space
+        floor = torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in ps], dtype=x.dtype)[:, None]
+        x = x.masked_fill(x < x.max(-1, keepdim=True).values + floor, -math.inf)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in ps]
     if any(ks):
         top = torch.topk(x, max(ks), dim=-1).values
@@ -124,3 +162,19 @@ def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
     for i, t in zip(rows, picked, strict=True):
         tokens[i] = t
     return tokens
+
+
+def _openai_penalties(logits: Tensor, params: Sequence[SamplingParams],
+                      counts: Sequence[Tensor | None] | None) -> Tensor:
+    """OpenAI's definitions, on a copy: ``logit -= count * frequency_penalty + (count > 0) *
+    presence_penalty`` (counts of generated tokens), then ``logit += logit_bias[id]``. A row loop:
+    only rows that set them pay, and the plain path never gets here."""
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        c = counts[i] if counts is not None else None
+        if c is not None and (p.presence_penalty or p.frequency_penalty):
+            logits[i] -= c * p.frequency_penalty + (c > 0).to(logits.dtype) * p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor([int(k) for k in p.logit_bias])
+            logits[i, ids] += torch.tensor([float(v) for v in p.logit_bias.values()], dtype=logits.dtype)
+    return logits

@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,13 +47,11 @@ from havoc_core.openai_api import (
     Shape,
     parse_body,
 )
+from havoc_core.openai_jobs import Plan, Planner
 from havoc_core.precision import Quantize
-from havoc_core.sampling import SamplingError, SamplingParams
-from havoc_core.server_loop import Done, EngineLoop
-from havoc_core.tokenizer import render_chat
+from havoc_core.server_loop import Done, EngineLoop, Item, Piece
 
 MAX_BODY_BYTES = 1 << 20
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 PAGE_HEADERS = {  # the chat page loads nothing from elsewhere and runs no inline script
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -78,12 +75,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 # --------------------------------------------------------------------------- the app
 
-@dataclass
-class _Prepared:
-    ids: list[int]
-    params: SamplingParams
-
-
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key: str | None = None,
                max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app for one prepared model (``inference.load``); its engine thread runs while the
@@ -91,7 +82,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
     runner = EngineLoop(Engine(model, tokenizer, max_batch=max_batch))
     context = model.config.max_seq_len
     created = int(time.time())
-    chat_stop_ids = tokenizer.turn_stop_ids()
+    planner = Planner(tokenizer, context, model.config.vocab_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,59 +123,30 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
             raise ApiError(404, f"model: {name!r} is not served here; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def sampling(req: Sampling, ids: list[int], max_tokens: int | None, default: int | None,
-                 where: str, stop_ids: list[int]) -> _Prepared:
-        room = context - len(ids)
-        if room < 1:
-            raise ApiError(400, f"{where}: {len(ids)} tokens; the model's context is {context} tokens "
-                           "(max_seq_len) and the reply needs at least one", where, "context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise ApiError(400, f"max_tokens: {max_tokens} plus the prompt's {len(ids)} tokens exceed the "
-                           f"context of {context} tokens (at most {room} here)", "max_tokens",
-                           "context_length_exceeded")
-        params = SamplingParams(
-            max_new_tokens=max_tokens or min(default or room, room), temperature=req.temperature,
-            top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-            stop=tuple(req.stop or ()), stop_ids=stop_ids, ignore_eos=req.ignore_eos)
-        try:
-            params.validate()
-        except SamplingError as e:
-            raise ApiError(400, str(e), e.field) from None
-        return _Prepared(ids, params)
-
-    def prepare_chat(req: ChatRequest) -> _Prepared:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in req.messages]
-        ids = render_chat(tokenizer, messages, add_generation_prompt=True)[0]
-        return sampling(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages", chat_stop_ids)
-
-    def prepare_completion(req: CompletionRequest) -> _Prepared:
-        ids = [tokenizer.bos_id, *tokenizer.encode(req.prompt)]
-        return sampling(req, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", [])
-
-    async def handle(request: Request, cls: type[Sampling], prepare: Callable[[Any], _Prepared],
+    async def handle(request: Request, cls: type[Sampling], plan_of: Callable[[Any], Plan],
                      shape: Shape) -> Response:
         req = parse_body(cls, await _read_body(request, max_body_bytes))
         check_model(req.model)
-        job = await asyncio.to_thread(prepare, req)  # tokenising a long prompt must not stall the loop
-        reply = Reply(shape, f"{shape.prefix}-{uuid.uuid4().hex}", model_name, len(job.ids))
-        stream = runner.generate(job.ids, job.params)
+        plan = await asyncio.to_thread(plan_of, req)  # tokenising a long prompt must not stall the loop
+        reply = Reply(shape, f"{shape.prefix}-{uuid.uuid4().hex}", model_name, plan.prompt_tokens)
+        stream = runner.generate_many(plan.jobs)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_sse(stream, reply, usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(stream, reply, plan, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        done = await _until_done_or_gone(stream, request)
-        if done is None:
+        dones = await _until_done_or_gone(stream, request, len(plan.jobs))
+        if dones is None:
             return Response(status_code=499)  # the client left; nobody reads this
-        return JSONResponse(reply.whole(done.completion, done.cached))
+        choices = [plan.choice(i, d) for i, d in enumerate(dones)]
+        return JSONResponse(reply.whole(choices, [d.completion for d in dones], sum(d.cached for d in dones)))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:
-        return await handle(request, ChatRequest, prepare_chat, CHAT)
+        return await handle(request, ChatRequest, planner.chat, CHAT)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
-        return await handle(request, CompletionRequest, prepare_completion, COMPLETION)
+        return await handle(request, CompletionRequest, planner.completion, COMPLETION)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
@@ -211,36 +173,49 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
     return app
 
 
-async def _sse(stream: AsyncIterator[str | Done], reply: Reply, usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ``data: [DONE]`` last. When the client
-    disconnects Starlette cancels this generator, and closing ``stream`` stops the request."""
+async def _sse(stream: AsyncIterator[tuple[int, Item]], reply: Reply, plan: Plan, usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format (each choice's chunks carry its ``index``),
+    ``data: [DONE]`` last. When the client disconnects Starlette cancels this generator, and
+    closing ``stream`` stops the request."""
     def event(data: dict[str, Any]) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+    sent = [len(plan.echo[i]) if plan.echo else 0 for i in range(len(plan.jobs))]  # characters per choice
+    dones: list[Done] = []
     async with contextlib.aclosing(stream):  # type: ignore[type-var]
         try:
-            if reply.shape.chat:
-                yield event(reply.chunk(opening=True))
-            async for item in stream:
-                if isinstance(item, str):
-                    yield event(reply.chunk(item))
+            for i in range(len(plan.jobs)):
+                if reply.shape.chat:
+                    yield event(reply.chunk(i, opening=True))
+                elif plan.echo:
+                    yield event(reply.chunk(i, plan.echo[i]))
+            async for index, item in stream:
+                if isinstance(item, Done):
+                    dones.append(item)
+                    yield event(reply.chunk(index, reason=item.completion.finish_reason))
+                elif isinstance(item, Piece):
+                    yield event(reply.chunk(index, item.text, logprobs=plan.piece(item, sent[index])))
+                    sent[index] += len(item.text)
                 else:
-                    yield event(reply.chunk(reason=item.completion.finish_reason))
-                    if usage:
-                        yield event(reply.usage_chunk(item.completion, item.cached))
+                    yield event(reply.chunk(index, item))
+            if usage:
+                yield event(reply.usage_chunk([d.completion for d in dones], sum(d.cached for d in dones)))
         except ApiError as e:
             yield event(e.body())
     yield "data: [DONE]\n\n"
 
 
-async def _until_done_or_gone(stream: AsyncIterator[str | Done], request: Request) -> Done | None:
-    """The request's ``Done``, or None if the client disconnected first (the request is then stopped)."""
-    async def finish() -> Done:
+async def _until_done_or_gone(stream: AsyncIterator[tuple[int, Item]], request: Request, n: int) -> list[Done] | None:
+    """Every job's ``Done`` (in job order), or None if the client disconnected first (the jobs are then stopped)."""
+    async def finish() -> list[Done]:
+        dones: dict[int, Done] = {}
         async with contextlib.aclosing(stream):  # type: ignore[type-var]
-            async for item in stream:
+            async for index, item in stream:
                 if isinstance(item, Done):
-                    return item
-        raise AssertionError("generation ended without a result")
+                    dones[index] = item
+        if len(dones) != n:
+            raise AssertionError("generation ended without a result")
+        return [dones[i] for i in range(n)]
 
     async def gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":

@@ -10,14 +10,15 @@ asyncio side only puts requests in and awaits what comes back: it never waits on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from havoc_core.engine import Completion, Engine
+from havoc_core.engine import Completion, Engine, TokenLogprob
 from havoc_core.openai_api import ApiError
 from havoc_core.sampling import SamplingParams
 
@@ -29,23 +30,49 @@ class Done:
 
     completion: Completion
     cached: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when the job asked for them
+
+
+@dataclass
+class Piece:
+    """A text delta with the logprob of the token that produced it (requests that ask for logprobs)."""
+
+    text: str
+    logprob: TokenLogprob
+
+
+@dataclass
+class Job:
+    """One sample to generate: ``params`` None scores the prompt only (``prompt_logprobs`` alternatives)."""
+
+    ids: list[int]
+    params: SamplingParams | None
+    prompt_logprobs: int | None = None
+
+
+Item = str | Piece | Done
 
 
 @dataclass
 class _Request:
-    """One generation request as the engine thread sees it; results go back through ``out``."""
+    """One job as the engine thread sees it; results go back through ``out``, tagged with ``index``."""
 
-    ids: list[int]
-    params: SamplingParams
+    job: Job
+    index: int
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[str | Done | ApiError] = field(default_factory=asyncio.Queue)
+    out: asyncio.Queue[tuple[int, Item | ApiError]]
     cancelled: bool = False  # set by the event loop when the client is gone
     cached: int = 0  # prompt tokens found in the slot's cache (not prefilled again)
+    scored: list[TokenLogprob | None] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.job.ids
 
 
-def _deliver(items: list[tuple[_Request, str | Done | ApiError]]) -> None:
+def _deliver(items: list[tuple[_Request, Item | ApiError]]) -> None:
     for request, item in items:
-        request.out.put_nowait(item)
+        request.out.put_nowait((request.index, item))
 
 
 class EngineLoop:
@@ -55,11 +82,11 @@ class EngineLoop:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._inbox: queue.Queue[list[_Request] | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
         self._thread = threading.Thread(target=self._loop, name="havoc-engine", daemon=True)
-        self._outbox: list[tuple[_Request, str | Done | ApiError]] = []
+        self._outbox: list[tuple[_Request, Item | ApiError]] = []
         self.counts = {"completed": 0, "aborted": 0, "failed": 0}
         self.batch_peak = 0  # the most requests decoded in one step so far
 
@@ -78,22 +105,34 @@ class EngineLoop:
                 "waiting": len(self._waiting) + self._inbox.qsize(), "batch_peak": self.batch_peak,
                 "requests": dict(self.counts)}
 
-    async def generate(self, ids: list[int], params: SamplingParams) -> AsyncIterator[str | Done]:
+    async def generate(self, ids: list[int], params: SamplingParams) -> AsyncIterator[str | Piece | Done]:
         """Text deltas, then ``Done``. Leaving early (client gone) stops the request."""
+        async with contextlib.aclosing(self.generate_many([Job(ids, params)])) as items:  # type: ignore[type-var]
+            async for _, item in items:
+                yield item
+
+    async def generate_many(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Item]]:
+        """(job index, item) for every job, interleaved as they come: text deltas (``Piece`` when the
+        job asked for logprobs), then one ``Done`` per job. The jobs reach the engine thread
+        together, so samples of one prompt are admitted (and prefilled) together. Leaving early
+        (client gone) stops them all."""
         if not self.alive():
             raise ApiError(503, "the server is shutting down", kind="server_error")
-        request = _Request(ids, params, asyncio.get_running_loop())
-        self._inbox.put(request)
+        out: asyncio.Queue[tuple[int, Item | ApiError]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        requests = [_Request(job, i, loop, out) for i, job in enumerate(jobs)]
+        self._inbox.put(requests)
+        left = len(requests)
         try:
-            while True:
-                item = await request.out.get()
+            while left:
+                index, item = await out.get()
                 if isinstance(item, ApiError):
                     raise item
-                yield item
-                if isinstance(item, Done):
-                    return
+                yield index, item
+                left -= isinstance(item, Done)
         finally:
-            request.cancelled = True  # no effect once finished; otherwise frees the slot at the next step
+            for request in requests:  # no effect once finished; otherwise frees the slot at the next step
+                request.cancelled = True
 
     # ------------------------------------------------------------------ engine thread only
 
@@ -115,12 +154,12 @@ class EngineLoop:
                 self._send(request, ApiError(503, "the server is shutting down", kind="server_error"))
             self._flush()
 
-    def _send(self, request: _Request, item: str | Done | ApiError) -> None:
+    def _send(self, request: _Request, item: Item | ApiError) -> None:
         self._outbox.append((request, item))
 
     def _flush(self) -> None:
         """Hand this step's output to the event loop(s) in one wake-up each, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, str | Done | ApiError]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Item | ApiError]]] = {}
         for request, item in self._outbox:
             by_loop.setdefault(request.loop, []).append((request, item))
         self._outbox = []
@@ -137,7 +176,7 @@ class EngineLoop:
         try:
             item = self._inbox.get(block=block)
             while item is not None:
-                self._waiting.append(item)
+                self._waiting.extend(item)
                 item = self._inbox.get_nowait()
             return False
         except queue.Empty:
@@ -145,6 +184,7 @@ class EngineLoop:
 
     def _admit(self) -> None:
         """Move waiting requests into free slots; those admitted together share prefill passes."""
+        self._score_only()
         batch: list[tuple[int, _Request]] = []
         while self._waiting:
             slot = self.engine.free_slot(self._waiting[0].ids, exclude={s for s, _ in batch})
@@ -158,7 +198,10 @@ class EngineLoop:
         if not batch:
             return
         try:
-            self.engine.add_batch([(r.ids, r.params, slot) for slot, r in batch])
+            for _, request in batch:
+                if request.job.prompt_logprobs is not None:
+                    request.scored = self.engine.score(request.ids, request.job.prompt_logprobs)
+            self.engine.add_batch([(r.ids, r.job.params, slot) for slot, r in batch])
         except Exception as e:  # validated before queueing, so this is a server fault
             for slot, request in batch:
                 self.engine.remove(slot)
@@ -182,11 +225,32 @@ class EngineLoop:
             return
         for event in events:
             request = self._running[event.slot]
-            if event.text:
+            if event.logprob is not None:
+                self._send(request, Piece(event.text, event.logprob))
+            elif event.text:
                 self._send(request, event.text)
             if event.finish_reason is not None:
-                self._send(request, Done(self.engine.result(event.slot), request.cached))
+                self._send(request, Done(self.engine.result(event.slot), request.cached, request.scored))
                 del self._running[event.slot]
                 self.counts["completed"] += 1
 
 
+
+    def _score_only(self) -> None:
+        """Answer the waiting jobs that only score their prompt (no slot needed), in arrival order."""
+        rest: deque[_Request] = deque()
+        for request in self._waiting:
+            if request.job.params is not None:
+                rest.append(request)
+            elif request.cancelled:
+                self.counts["aborted"] += 1
+            else:
+                try:
+                    scored = self.engine.score(request.ids, request.job.prompt_logprobs or 0)
+                except Exception as e:  # validated before queueing, so this is a server fault
+                    self.counts["failed"] += 1
+                    self._send(request, ApiError(500, f"scoring failed: {e}", kind="server_error"))
+                    continue
+                self._send(request, Done(Completion(len(request.ids), [], "", "length", []), 0, scored))
+                self.counts["completed"] += 1
+        self._waiting = rest

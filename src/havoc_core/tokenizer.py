@@ -135,6 +135,10 @@ class HavocTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, id: int) -> str | None:
+        """The vocabulary entry (byte-level alphabet: a space is ``Ġ``); logprobs turn it into bytes."""
+        return self._tok.id_to_token(id)
+
     def to_json(self) -> str:
         """The full definition (what ``tokenizer.json`` holds); data manifests record its hash."""
         return self._tok.to_str()
