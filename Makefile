@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV := .venv/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean browser
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -16,9 +16,17 @@ install: $(VENV)
 demo: $(VENV)
 	.venv/bin/havoc demo
 
-test: $(VENV)
+test: $(VENV) browser
 	.venv/bin/ruff check src tests bench chat_havoc.py test_chat.py
 	$(PY) -m pytest -q
+
+# the web-page tests drive Debian's chromium: installed here when root (as .ci/run does), else one line why they skip
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "note: /usr/bin/chromium missing and not root: the browser tests will be skipped (sudo apt-get install chromium)"; \
+	elif ! command -v apt-get >/dev/null; then echo "note: /usr/bin/chromium missing and no apt-get: the browser tests will be skipped"; \
+	else { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: apt-get install chromium failed: the browser tests will be skipped"; fi
 
 bench: $(VENV)  # each prints HAVOC vs transformers on the same shapes, as ratios
 	$(PY) bench/train_throughput.py

@@ -4,9 +4,13 @@ in a real pseudo-terminal (pexpect), piped, through `python chat_havoc.py` and w
 Checkpoints are real: a BPE tokenizer trained on pydoc topics and a randomly initialised tiny model."""
 
 import json
+import os
 import re
+import select
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pexpect
@@ -157,6 +161,37 @@ def test_pty_chat_session(long_ckpt):
     assert child.exitstatus == 0
 
 
+def paste_while_reading(child: pexpect.spawn, text: str, until: str, timeout: float = 120.0) -> str:
+    """Send ``text`` in 1 kB chunks while a thread drains the child's output (the echo of a 50 kB
+    paste fills the pty's buffers: a writer that never reads blocks in ``os.write`` for ever), then
+    wait, bounded, until the drained output matches ``until``; returns that output."""
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            if select.select([child.child_fd], [], [], 0.05)[0]:
+                try:
+                    got.append(os.read(child.child_fd, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        data = text.encode()
+        for i in range(0, len(data), 1024):
+            os.write(child.child_fd, data[i : i + 1024])
+        deadline = time.monotonic() + timeout
+        while not re.search(until, out := b"".join(got).decode(errors="replace")):
+            assert time.monotonic() < deadline and reader.is_alive(), f"no {until!r} after the paste: {out[-300:]!r}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+    return out
+
+
 def test_pty_sixty_turns_overflow_and_a_50kb_paste(short_ckpt):
     child = spawn(str(short_ckpt.parent), "--max-new-tokens", "8")  # a run dir: its newest checkpoint
     child.expect("You: ")
@@ -166,9 +201,9 @@ def test_pty_sixty_turns_overflow_and_a_50kb_paste(short_ckpt):
         child.expect("\r\nYou: ")
         transcript += child.before
     assert transcript.count("dropping the oldest turns") == 1
-    child.send(("lorem ipsum 中文 😀 " * 3000)[:50_000] + "\r")
-    child.expect(r"\[your message is \d+ tokens; only its last \d+ fit")
-    child.expect("\r\nYou: ")
+    out = paste_while_reading(child, ("lorem ipsum 中文 😀 " * 3000)[:50_000] + "\r",
+                              r"\[your message is \d+ tokens; only its last \d+ fit[\s\S]*\r\nYou: ")
+    assert out.count("only its last") == 1
     child.sendline("/quit")
     child.expect(pexpect.EOF)
     child.close()

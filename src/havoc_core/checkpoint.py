@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from havoc_core.atomic import write_atomic, write_atomic_dir
 from havoc_core.config import PRESETS, HavocConfig, get_preset
 from havoc_core.errors import CheckpointError, HavocError
+from havoc_core.integrity import verify, write_manifest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +31,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RUN_DIRS = {"pretrain": "checkpoints/havoc_phase0_pretrain", "sft": "checkpoints/havoc_phase1_sft"}
 CHAT_RUN = RUN_DIRS["sft"]  # where `havoc chat`, `havoc serve` and `havoc smoke` look without a path
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names of the dtypes a model can be stored in
 STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 
 
@@ -116,6 +118,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
             write_atomic(tmp / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2) + "\n")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        write_manifest(tmp, WEIGHTS_FILE)  # last: it hashes every file written above
 
     return write_atomic_dir(Path(path), write)
 
@@ -151,7 +154,7 @@ def check_weights(found: dict[str, tuple[int, ...]], cfg: HavocConfig, where: st
     """Compare weight names/shapes with what ``cfg`` builds; raise naming the responsible field.
     The layer count is compared first, so an absurd num_layers is refused before anything is sized."""
     layer_ids = {int(m.group(1)) for k in found if (m := re.match(r"layers\.(\d+)\.", k))}
-    if layer_ids and len(layer_ids) != cfg.num_layers:
+    if len(layer_ids) != cfg.num_layers:
         raise CheckpointError(f"{where}: num_layers: weights imply {len(layer_ids)}, config.json says {cfg.num_layers}")
     expected = cfg.param_shapes()
     for key, field, says in [("lm_head.weight", "tie_word_embeddings", cfg.tie_word_embeddings),
@@ -180,9 +183,11 @@ def check_weights(found: dict[str, tuple[int, ...]], cfg: HavocConfig, where: st
 
 
 def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu", *,
-                 shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """Read model.safetensors after checking every name and shape against ``cfg``
-    (``shapes_only``: check from the file header alone and return nothing)."""
+                 shapes_only: bool = False, check_hashes: bool = True) -> dict[str, torch.Tensor]:
+    """Read model.safetensors after checking every name and shape against ``cfg`` and then (unless
+    ``check_hashes`` is false) every file but optimizer.pt against checksums.json: a checkpoint whose
+    bytes changed since save is refused, never loaded with other logits (``shapes_only``: check
+    from the file header alone and return nothing)."""
     path = ckpt / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (a checkpoint needs its weights)")
@@ -190,7 +195,16 @@ def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             check_weights(shapes, cfg, str(path))
-            return {} if shapes_only else {k: f.get_tensor(k) for k in shapes}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in shapes}
+            odd = [k for k in dtypes if dtypes[k] not in FLOAT_DTYPES or dtypes[k] != dtypes["embed.weight"]]
+            if odd:  # one float dtype for every tensor: anything else fails later, inside a matmul
+                raise CheckpointError(f"{path}: {odd[0]} is {dtypes[odd[0]]}, expected the dtype of embed.weight "
+                                      f"({dtypes['embed.weight']}), one of {', '.join(sorted(FLOAT_DTYPES))}")
+            if shapes_only:
+                return {}
+            if check_hashes:
+                verify(ckpt, skip=(OPTIMIZER_FILE,))
+            return {k: f.get_tensor(k) for k in shapes}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
     except OSError as e:

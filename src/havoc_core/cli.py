@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from havoc_core import integrity
 from havoc_core.builtin_corpus import builtin_conversations, builtin_documents
 from havoc_core.chat import CHAT_DEFAULTS, GENERATE_DEFAULTS, SMOKE_DEFAULTS, run_chat, run_generate, run_smoke
 from havoc_core.checkpoint import CHAT_RUN, RUN_DIRS, config_from_source, find_checkpoint, load_weights, save_model
@@ -65,6 +66,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.check_weights:
         load_weights(find_checkpoint(args.source), cfg, shapes_only=True)
         print("weights: every name and shape matches config.json")
+    if args.verify:
+        ckpt = find_checkpoint(args.source)
+        problems = integrity.report(ckpt)
+        for line in problems[1:]:
+            print(f"error: {line}", file=sys.stderr)
+        if problems:
+            raise HavocError(problems[0])
+        print(f"verified: every file listed in {ckpt / integrity.MANIFEST_FILE} matches its content hash")
     n = cfg.num_parameters()
     print(f"Model parameters: {format_params(n)} ({n:,})")
 
@@ -257,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="preset name, config.json, checkpoint dir or run dir")
     p.add_argument("--check-weights", action="store_true",
                    help="also check model.safetensors' names and shapes (header only) against the config")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file (optimizer.pt too) against checksums.json; name each corrupt file and tensor")
 
     p = add("init", cmd_init, "write a randomly initialised checkpoint")
     p.add_argument("--preset", required=True, help="preset name, config.json or checkpoint dir")

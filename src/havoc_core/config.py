@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,10 @@ class HavocConfig:
         if rotary_dim > head_dim:
             raise bad("attention.rotary_dim", f"expected at most attention.head_dim ({head_dim}), "
                       f"found {rotary_dim}")
+        for key, x in [("attention.rope_theta", a.rope_theta), ("layer_norm_eps", self.layer_norm_eps),
+                       ("initializer_range", self.initializer_range)]:
+            if not math.isfinite(x):  # JSON's NaN/Infinity literals parse, and pass every comparison below
+                raise bad(key, f"expected a finite number, found {x}")
         if a.rope_theta <= 0:
             raise bad("attention.rope_theta", f"expected a positive number, found {a.rope_theta}")
         for key, p in [("dropout", self.dropout), ("attention.dropout", a.dropout), ("mlp.dropout", m.dropout)]:

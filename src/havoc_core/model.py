@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -66,8 +67,20 @@ class HavocModel(nn.Module):
         c = self.config
         head_dim, _ = c.attention.dims(c.d_model)
         w = self.embed.weight
-        return KVCache(c.num_layers, batch_size, c.attention.num_kv_heads, max_len or c.max_seq_len, head_dim,
-                       dtype or w.dtype, w.device)
+        length, dtype = max_len or c.max_seq_len, dtype or w.dtype
+        # max_seq_len is the one size the weights do not imply: an absurd one is refused here, in one
+        # line, rather than by the allocator's RuntimeError
+        need = 2 * c.num_layers * batch_size * c.attention.num_kv_heads * length * head_dim * dtype.itemsize
+        have = (torch.cuda.mem_get_info(w.device)[1] if w.device.type == "cuda"
+                else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        why = (f"KV cache for {batch_size} x {length:,} positions (max_seq_len={c.max_seq_len}) needs "
+               f"{need / 2**30:,.1f} GiB, this {w.device.type} has {have / 2**30:,.1f} GiB")
+        if need > have:
+            raise HavocError(why)
+        try:
+            return KVCache(c.num_layers, batch_size, c.attention.num_kv_heads, length, head_dim, dtype, w.device)
+        except RuntimeError as e:  # torch.OutOfMemoryError included
+            raise HavocError(f"{why}: allocation failed ({str(e).splitlines()[0][:120]})") from None
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: CacheView | None = None) -> Tensor:
         """idx [B, T] token ids -> logits [B, T, V].
