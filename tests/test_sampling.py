@@ -63,3 +63,13 @@ def test_n_samples_get_consecutive_seeds():
 def test_bad_sampling_values_name_the_field(field, value):
     with pytest.raises(HavocError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_repeated_ngram_bans_name_exactly_the_completing_ids():
+    from havoc_core.sampling import repeated_ngram_bans
+
+    reply = [1, 2, 3, 9, 1, 2, 3, 7, 1, 2]
+    assert repeated_ngram_bans(reply, 3) == {3}  # "1 2 3" was seen twice: only 3 completes it
+    assert repeated_ngram_bans(reply, 4) == set()  # no earlier "x 1 2" ... "1 2" tail is only 2 long
+    assert repeated_ngram_bans([*reply, 3], 4) == {9, 7}
+    assert repeated_ngram_bans(reply, 1) == set(reply) and repeated_ngram_bans([5], 3) == set()

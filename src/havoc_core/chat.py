@@ -24,7 +24,11 @@ from havoc_core.precision import Quantize
 from havoc_core.sampling import SamplingParams
 from havoc_core.tokenizer import render_chat
 
-CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+# no_repeat_ngram_size 8: a reply never says the same 8 tokens twice. A small model's greedy (and often
+# sampled) replies fall into loops; an 8-token span is longer than any phrase prose repeats on purpose,
+# so only loops are cut, and the cost is a set lookup per token (docs/LOG.md 2026-12-03)
+CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
+                               no_repeat_ngram_size=8)
 GENERATE_DEFAULTS = SamplingParams()
 SMOKE_DEFAULTS = replace(CHAT_DEFAULTS, temperature=0.0, max_new_tokens=48)  # greedy: the same replies every run
 SMOKE_PROMPTS = ["Hello! Who are you?", "What does the len function do?", "Explain the with statement."]

@@ -329,7 +329,8 @@ class Engine:
         if torch.isnan(logits.sum()):  # a sum is ~5x cheaper than isnan(logits).any() at [8, 8192]
             raise HavocError("the model produced NaN logits: its weights are broken (diverged training or a bad file)")
         tokens = sample_tokens(logits, [s.params for s in states], [s.generator for s in states],
-                               [s.seen for s in states], [s.counts for s in states])
+                               [s.seen for s in states], [s.counts for s in states],
+                               [s.generated for s in states])
         want = [j for j, s in enumerate(states) if s.logprobs is not None]
         if want:  # only requests that ask pay for the log-softmax
             lp = (logits if len(want) == len(states) else logits[want]).float().log_softmax(-1)

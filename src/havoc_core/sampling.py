@@ -57,6 +57,8 @@ class SamplingParams:
     min_p: float = field(default=0.0, metadata={
         "help": "drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 = off"})
     # token id -> added to its logit, in [-100, 100] (OpenAI's logit_bias); the engine checks the ids
+    no_repeat_ngram_size: int = field(default=0, metadata={
+        "help": "never repeat a span of this many tokens within a reply (transformers' name); 0 = off"})
     logit_bias: Mapping[int, float] = field(default_factory=dict, metadata={"cli": False})
     n: int = field(default=1, metadata={"cli": False})  # independent samples of one prompt (Engine.generate)
     logprobs: int | None = field(default=None, metadata={"cli": False})  # report this many alternatives (0-20)
@@ -74,6 +76,8 @@ class SamplingParams:
              "an integer >= 1"),
             ("temperature", self.temperature, _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size,
+             isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0, "an integer >= 0"),
             ("top_p", self.top_p, _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty,
              _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
@@ -106,14 +110,17 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
 
 def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None], seen: Sequence[Tensor | None],
-                  counts: Sequence[Tensor | None] | None = None) -> list[int]:
+                  counts: Sequence[Tensor | None] | None = None,
+                  replies: Sequence[Sequence[int]] | None = None) -> list[int]:
     """``sample_token`` for every row of logits [N, V] at once, each row with its own params,
-    generator, seen ids and ``counts`` (float [V]: how often each id was generated, for the
-    presence/frequency penalties). Every row draws from its own generator (one uniform, sampling
+    generator, seen ids, ``counts`` (float [V]: how often each id was generated, for the
+    presence/frequency penalties) and ``replies`` (the ids generated so far, for no_repeat_ngram_size). Every row draws from its own generator (one uniform, sampling
     rows only) and every operation is row-wise, so a seeded request gets the same tokens in any batch."""
     logits = logits.float()
     if any(p.presence_penalty or p.frequency_penalty or p.logit_bias for p in params):
         logits = _openai_penalties(logits, params, counts)
+    if replies is not None and any(p.no_repeat_ngram_size for p in params):
+        logits = _ban_repeats(logits, params, replies)
     n, vocab = logits.shape
     penalties = [p.repetition_penalty if s is not None else 1.0 for p, s in zip(params, seen, strict=True)]
     if any(r != 1.0 for r in penalties):
@@ -177,4 +184,25 @@ def _openai_penalties(logits: Tensor, params: Sequence[SamplingParams],
         if p.logit_bias:
             ids = torch.tensor([int(k) for k in p.logit_bias])
             logits[i, ids] += torch.tensor([float(v) for v in p.logit_bias.values()], dtype=logits.dtype)
+    return logits
+
+
+def repeated_ngram_bans(reply: Sequence[int], n: int) -> set[int]:
+    """The ids that would end a second copy of an ``n``-token span of ``reply``: each id that once
+    followed the reply's last ``n - 1`` ids."""
+    if n <= 0 or len(reply) < n - 1:
+        return set()
+    if n == 1:
+        return set(reply)
+    tail = list(reply[len(reply) - n + 1:])
+    return {reply[i + n - 1] for i in range(len(reply) - n + 1) if list(reply[i:i + n - 1]) == tail}
+
+
+def _ban_repeats(logits: Tensor, params: Sequence[SamplingParams], replies: Sequence[Sequence[int]]) -> Tensor:
+    """-inf for every id :func:`repeated_ngram_bans` names (a copy; only rows that ask pay)."""
+    logits = logits.clone()
+    for i, (p, reply) in enumerate(zip(params, replies, strict=True)):
+        banned = repeated_ngram_bans(reply, p.no_repeat_ngram_size)
+        if banned:
+            logits[i, list(banned)] = -math.inf
     return logits
