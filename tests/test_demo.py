@@ -11,7 +11,7 @@ from havoc_core.demo import DEMO_QUESTIONS, DemoPlan, run_demo
 def test_demo_pipeline_end_to_end_then_reuse(tmp_path, capsys):
     plan = DemoPlan(data_dir=str(tmp_path / "data"), pretrain_dir=str(tmp_path / "pre"), sft_dir=str(tmp_path / "sft"),
                     vocab_size=1024, pretrain_steps=4, pretrain_batch=2, pretrain_seq_len=64, sft_steps=2,
-                    sft_batch=2, eval_every=2)
+                    sft_batch=2)
     assert run_demo(plan, interactive=False) == 0
     out = capsys.readouterr().out
     for q in DEMO_QUESTIONS:

@@ -200,3 +200,26 @@ def test_logprob_values_are_finite_json(client):
     r = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=2, logprobs=True,
                                        top_logprobs=20)
     assert all(math.isfinite(t.logprob) for c in r.choices[0].logprobs.content for t in c.top_logprobs)
+
+
+# --------------------------------------------------------------------------- LangChain
+
+def test_langchain_chat_and_completions_clients_work_unchanged(server, client):
+    from langchain_openai import ChatOpenAI, OpenAI
+
+    args = {"base_url": server.url + "/v1", "api_key": "unused", "model": MODEL, "max_retries": 0, "timeout": 60}
+    chat = ChatOpenAI(**args, temperature=0, max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5)
+    greedy = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=8,
+                                            presence_penalty=0.5, frequency_penalty=0.5)
+    said = chat.invoke(HELLO[0]["content"])
+    assert said.content == greedy.choices[0].message.content and said.response_metadata["finish_reason"]
+    assert "".join(chunk.content for chunk in chat.stream(HELLO[0]["content"])) == said.content
+    assert [m.content for m in chat.batch([HELLO[0]["content"]] * 2)] == [said.content] * 2
+    scored = chat.bind(logprobs=True, top_logprobs=2).invoke(HELLO[0]["content"])
+    assert len(scored.response_metadata["logprobs"]["content"]) == said.usage_metadata["output_tokens"]
+
+    # the completions wrapper sends prompt as a list with penalties and logprobs set by default
+    llm = OpenAI(**args, temperature=0, max_tokens=6)
+    text = llm.invoke(PROMPT)
+    assert text == client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=6).choices[0].text
+    assert "".join(llm.stream(PROMPT)) == text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
 import io
@@ -150,17 +151,21 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line if line else "" for line in text.splitlines())
 
 
-def builtin_documents() -> list[str]:
-    """The built-in pretraining corpus: one document per pydoc topic and per module."""
+def builtin_documents(digest: bool = False) -> list[str]:
+    """The built-in pretraining corpus: one document per pydoc topic and per module.
+
+    ``digest``: each object's signature and first paragraph only, and each topic's first 1,500
+    characters -- a quarter of the text, so a few minutes of CPU see it several times (the demo)."""
     docs: list[str] = []
     module_parts: dict[str, list[str]] = {}
     for e in builtin_entries():
+        doc = e.doc.strip().split("\n\n")[0] if digest else e.doc
         if e.kind == "topic":
-            docs.append(f"{e.title}\n\n{e.doc}")
+            docs.append(f"{e.title}\n\n{e.doc[:1500] if digest else e.doc}")
         elif e.kind == "module":
-            module_parts.setdefault(e.module, []).append(f"{e.title}\n\n{e.doc}")
+            module_parts.setdefault(e.module, []).append(f"{e.title}\n\n{doc}")
         else:
-            module_parts.setdefault(e.module, []).append(f"{e.kind} {e.title}\n{_indent(e.doc)}")
+            module_parts.setdefault(e.module, []).append(f"{e.kind} {e.title}\n{_indent(doc)}")
     docs += ["\n\n".join(parts) for _, parts in sorted(module_parts.items())]
     return docs
 
@@ -194,6 +199,12 @@ QUESTIONS = {
     "method": ("What does the method `{name}` do?", "Explain {name}.", "What does {short}() do?"),
 }
 FOLLOW_UPS = ("And what about `{name}`?", "What does `{name}` do?", "How about {name}?")
+
+
+def held_out(name: str) -> bool:
+    """Whether ``name`` is held out of the conversations (for the havoc-docs test split): sha256 of the
+    name, modulo 10, is 0 -- fixed by the text alone, on every machine."""
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 0
 
 
 def trim(text: str, limit: int) -> str:
@@ -239,7 +250,8 @@ def _qa(rng: random.Random, e: DocEntry, limit: int, kind: str | None = None) ->
 def builtin_conversations(seed: int = 0, answer_chars: int = 700) -> list[dict[str, Any]]:
     """Thousands of ``{"messages": [...]}`` SFT conversations from the built-in documentation.
 
-    One per pydoc topic, keyword and documented public standard-library object (answers trimmed
+    One per pydoc topic, keyword and documented public standard-library object, except the names
+    :func:`held_out` keeps for evaluation (answers trimmed
     to ``answer_chars``, so a conversation fits in 512 tokens of an 8192-token vocab); some with a
     system prompt, some with a follow-up question about a neighbour from the same module.
     Deterministic for a given ``seed`` and Python; shuffled.
@@ -247,7 +259,7 @@ def builtin_conversations(seed: int = 0, answer_chars: int = 700) -> list[dict[s
     rng = random.Random(seed)
     entries = builtin_entries()
     topics = {e.name: e for e in entries if e.kind == "topic"}
-    public = [e for e in entries if e.kind != "topic" and len(e.doc) >= 40
+    public = [e for e in entries if e.kind != "topic" and len(e.doc) >= 40 and not held_out(e.name)
               and not any(part.startswith("_") for part in e.name.split("."))]
     items: list[tuple[DocEntry, str]] = [(e, "topic") for e in topics.values()]
     items += [(dataclasses.replace(topics[label], name=kw), "keyword")

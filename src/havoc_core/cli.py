@@ -23,7 +23,7 @@ from havoc_core.chat import CHAT_DEFAULTS, GENERATE_DEFAULTS, SMOKE_DEFAULTS, ru
 from havoc_core.checkpoint import CHAT_RUN, RUN_DIRS, config_from_source, find_checkpoint, load_weights, save_model
 from havoc_core.config import format_params
 from havoc_core.data import prepare_conversations, prepare_pretrain
-from havoc_core.demo import run_demo
+from havoc_core.demo import DemoPlan, run_demo
 from havoc_core.errors import HavocError
 from havoc_core.evaluate import evaluate_checkpoint
 from havoc_core.hf import export, import_hf
@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo()
+    return run_demo(DemoPlan(minutes=args.minutes))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -279,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sft", "fine-tune a checkpoint on conversations (loss on assistant tokens only)")]:
         _add_train_flags(add(phase, cmd_train, text))
 
-    add("demo", cmd_demo, "the whole pipeline on the built-in corpus (no download), then chat")
+    p = add("demo", cmd_demo, "the whole pipeline on the built-in corpus (no download), then chat")
+    p.add_argument("--minutes", type=float, default=DemoPlan.minutes,
+                   help="compute budget, corpus to answers: training steps are planned from this machine's "
+                        "measured speed to fit it (default %(default)s)")
 
     p = add("eval", cmd_eval, "validation loss, perplexity and bits per byte of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
