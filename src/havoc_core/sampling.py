@@ -114,7 +114,8 @@ def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
                   replies: Sequence[Sequence[int]] | None = None) -> list[int]:
     """``sample_token`` for every row of logits [N, V] at once, each row with its own params,
     generator, seen ids, ``counts`` (float [V]: how often each id was generated, for the
-    presence/frequency penalties) and ``replies`` (the ids generated so far, for no_repeat_ngram_size). Every row draws from its own generator (one uniform, sampling
+    presence/frequency penalties) and ``replies`` (the ids generated so far, for no_repeat_ngram_size).
+    Every row draws from its own generator (one uniform, sampling
     rows only) and every operation is row-wise, so a seeded request gets the same tokens in any batch."""
     logits = logits.float()
     if any(p.presence_penalty or p.frequency_penalty or p.logit_bias for p in params):
