@@ -21,6 +21,7 @@ def test_demo_pipeline_end_to_end_then_reuse(tmp_path, capsys):
     assert run_demo(plan, interactive=False) == 0
     again = capsys.readouterr()
     assert again.out == out and "pretraining" not in again.err and "tokenizer" not in again.err
+    assert "havoc-docs: " in out and (Path(plan.sft_dir) / "demo_score.json").is_file()  # scored once, printed twice
 
     # the user's own command: `python test_chat.py CKPT` loads it and answers 3 test prompts (havoc smoke)
     root = Path(__file__).resolve().parents[1]

@@ -39,6 +39,7 @@ DEMO_QUESTIONS = [
     "What is a list comprehension?",
 ]
 PLAN_FILE = "demo_plan.json"
+SCORE_FILE = "demo_score.json"  # in the SFT run dir: a re-run prints it instead of scoring again
 
 
 @dataclass
@@ -80,10 +81,15 @@ def _finished(run_dir: str, steps: int) -> bool:
     return bool(ckpts) and step_of(ckpts[-1]) == steps
 
 
+def _recorded_steps(run_dir: str, fixed: int) -> int:
+    """The step count ``demo_plan.json`` recorded for this run, else ``fixed`` (0: not planned yet)."""
+    path = Path(run_dir) / PLAN_FILE
+    return int(json.loads(path.read_text())["steps"]) if path.is_file() else fixed
+
+
 def _done(run_dir: str, fixed: int) -> bool:
     """The stage already reached its (fixed or recorded) step count: nothing to announce."""
-    path = Path(run_dir) / PLAN_FILE
-    steps = int(json.loads(path.read_text())["steps"]) if path.is_file() else fixed
+    steps = _recorded_steps(run_dir, fixed)
     return bool(steps) and _finished(run_dir, steps)
 
 
@@ -113,7 +119,7 @@ def _plan_steps(name: str, run_dir: str, fixed: int, seconds: float, plan: DemoP
     measured: train the warm-up steps, then as many more as fit in ``seconds``."""
     path = Path(run_dir) / PLAN_FILE
     if path.is_file():
-        return int(json.loads(path.read_text())["steps"])
+        return _recorded_steps(run_dir, fixed)
     record: dict[str, Any] = {"stage": name, "budget_s": round(seconds, 1), "recipe": asdict(plan)}
     if fixed:
         steps = fixed
@@ -180,13 +186,20 @@ def build(plan: DemoPlan, started: float | None = None) -> Path:
 
 
 def report_score(ckpt: Path) -> dict[str, dict[str, float]]:
-    """havoc-docs on its held-out split, for the trained model and the same architecture untrained."""
-    tok = HavocTokenizer.load(ckpt)
+    """havoc-docs on its held-out split, for the trained model and the same architecture untrained;
+    computed once per checkpoint (``demo_score.json`` in its run dir), printed every run."""
     items = docs_items("test")
-    trained = load_model(ckpt).eval()
-    torch.manual_seed(0)
-    untrained = HavocModel(trained.config).eval()
-    scores = {"trained": docs_scores(trained, tok, items), "untrained": docs_scores(untrained, tok, items)}
+    path = Path(ckpt).parent / SCORE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("checkpoint") == Path(ckpt).name:
+        scores = saved["scores"]
+    else:
+        tok = HavocTokenizer.load(ckpt)
+        trained = load_model(ckpt).eval()
+        torch.manual_seed(0)
+        untrained = HavocModel(trained.config).eval()
+        scores = {"trained": docs_scores(trained, tok, items), "untrained": docs_scores(untrained, tok, items)}
+        write_atomic(path, json.dumps({"checkpoint": Path(ckpt).name, "scores": scores}, indent=2) + "\n")
     print(f"\nhavoc-docs: {len(items)} held-out questions \"What does `name` do?\", 4 choices (chance 25%)")
     for metric in ("acc_mutual_info", "acc"):
         print(f"  {metric:<16} trained {scores['trained'][metric]:6.1%}   untrained {scores['untrained'][metric]:6.1%}")
