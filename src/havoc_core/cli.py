@@ -25,6 +25,7 @@ from havoc_core.config import format_params
 from havoc_core.data import prepare_conversations, prepare_pretrain
 from havoc_core.demo import DemoPlan, run_demo
 from havoc_core.errors import HavocError
+from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, write_report
 from havoc_core.evaluate import evaluate_checkpoint
 from havoc_core.hf import export, import_hf
 from havoc_core.metrics import plot_run
@@ -115,6 +116,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.tasks:
+        run = TaskRun([t.strip() for t in args.tasks.split(",")], num_fewshot=args.num_fewshot, limit=args.limit,
+                      batch_size=args.batch_size, include_path=args.include_path,
+                      apply_chat_template=args.apply_chat_template, dtype=args.dtype)
+        report = run_tasks(args.checkpoint, run)
+        print(format_table(report))
+        if args.output:
+            print(f"wrote {write_report(report, args.output)}")
+        return
+    if not args.data:
+        raise HavocError("eval: expected --data (loss, perplexity, bits per byte) or --tasks (benchmark scores)")
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
                                  max_batches=args.max_batches)
     print(f"val loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
@@ -284,11 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute budget, corpus to answers: training steps are planned from this machine's "
                         "measured speed to fit it (default %(default)s)")
 
-    p = add("eval", cmd_eval, "validation loss, perplexity and bits per byte of a checkpoint")
+    p = add("eval", cmd_eval, "benchmark scores (--tasks) or validation loss, perplexity and bits per byte (--data)")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
-    p.add_argument("--data", required=True, help="`havoc prepare` dir (val split) or conversations JSONL")
+    p.add_argument("--data", help="`havoc prepare` dir (val split) or conversations JSONL")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=50)
+    p.add_argument("--max-batches", type=int, default=50, help="with --data: batches to evaluate")
+    p.add_argument("--tasks", help="comma-separated: havoc-docs (built in), lm-eval task names, task YAML files")
+    p.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: each task's own)")
+    p.add_argument("--limit", type=float, help="only the first N examples of each task (or a fraction < 1)")
+    p.add_argument("--include-path", action="append", default=[], help="a directory of task YAML files (repeatable)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts as chat turns (for chat models), few-shot examples as earlier turns")
+    p.add_argument("--dtype", default="float32", help="weights' dtype: float32 (default), bfloat16, float16, auto")
+    p.add_argument("--output", help="write the full results (config, step, every metric) to this JSON file")
 
     p = add("plot", cmd_plot, "write RUN/loss.png from RUN/metrics.jsonl")
     p.add_argument("run", help=f"run directory, e.g. {RUN_DIRS['pretrain']}")

@@ -112,11 +112,14 @@ def neutral(item: DocsItem) -> DocsItem:
 
 @torch.no_grad()
 def _loglikelihoods(model: HavocModel, tok: HavocTokenizer, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Summed fp32 log-probability of each continuation after its context, in one padded batch."""
-    width = max(len(c) + len(x) for c, x in pairs)
+    """Summed fp32 log-probability of each continuation after its context, in one padded batch;
+    a context longer than the model's window loses its first tokens (as lm-evaluation-harness does)."""
+    keep = model.config.max_seq_len + 1
+    pairs = [((c + x)[-keep:][: max(1, min(keep, len(c) + len(x)) - len(x))], x) for c, x in pairs]
+    width = max(len(c) + len(x) for c, x in pairs) - 1
     ids = torch.full((len(pairs), width), tok.pad_id, dtype=torch.long)
     for row, (c, x) in enumerate(pairs):
-        ids[row, :len(c) + len(x)] = torch.tensor(c + x)
+        ids[row, :len(c) + len(x) - 1] = torch.tensor(c + x[:-1])
     logp = F.log_softmax(model(ids).float(), dim=-1)
     return [logp[row, len(c) - 1:len(c) + len(x) - 1].gather(-1, torch.tensor(x)[:, None]).sum().item()
             for row, (c, x) in enumerate(pairs)]
