@@ -162,8 +162,8 @@ def _run_lm_eval(lm_eval: Any, manager: Any, loaded: Any, tasks: list[str], run:
             apply_chat_template=run.apply_chat_template, fewshot_as_multiturn=run.apply_chat_template,
             log_samples=False, bootstrap_iters=1000)
     except (ConnectionError, FileNotFoundError) as e:  # datasets' offline-mode and missing-file errors
-        raise HavocError(f"--tasks {','.join(tasks)}: a dataset is not available offline ({_line(e)}); fetch "
-                         "it once with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 (cached in ~/.cache/huggingface)") from None
+        hint = "fetch it once with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 (cached in ~/.cache/huggingface)"
+        raise HavocError(f"--tasks {','.join(tasks)}: a dataset is not available offline ({_line(e)}); {hint}") from None
     results = {}
     for task, metrics in out["results"].items():
         row: dict[str, Any] = {}
