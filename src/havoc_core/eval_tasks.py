@@ -163,7 +163,7 @@ def _run_lm_eval(lm_eval: Any, manager: Any, loaded: Any, tasks: list[str], run:
             log_samples=False, bootstrap_iters=1000)
     except (ConnectionError, FileNotFoundError) as e:  # datasets' offline-mode and missing-file errors
         hint = "fetch it once with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 (cached in ~/.cache/huggingface)"
-        raise HavocError(f"--tasks {','.join(tasks)}: a dataset is not available offline ({_line(e)}); {hint}") from None
+        raise HavocError(f"--tasks {','.join(tasks)}: dataset not available offline ({_line(e)}); {hint}") from None
     results = {}
     for task, metrics in out["results"].items():
         row: dict[str, Any] = {}
