@@ -203,7 +203,7 @@ def report_score(ckpt: Path) -> dict[str, dict[str, float]]:
     print(f"\nhavoc-docs: {len(items)} held-out questions \"What does `name` do?\", 4 choices (chance 25%)")
     for metric in ("acc_mutual_info", "acc"):
         print(f"  {metric:<16} trained {scores['trained'][metric]:6.1%}   untrained {scores['untrained'][metric]:6.1%}")
-    print("  (acc_mutual_info: how much the name raises the right choice; docs/EVALUATION.md)", flush=True)
+    print("  (acc_mutual_info: how much the name raises the right choice; docs/EVAL.md)", flush=True)
     return scores
 
 
