@@ -41,6 +41,8 @@ def prepared(tmp_path_factory):
     cfg = HavocConfig(vocab_size=tok.vocab_size, d_model=64, num_layers=2, max_seq_len=64,
                       attention=AttentionConfig(num_heads=4, num_kv_heads=2), mlp=MLPConfig(hidden_dim=128))
     cfg.save(root / "tiny.json")
+    cfg.dropout = 0.1  # resume must also continue dropout's random stream
+    cfg.save(root / "tiny_dropout.json")
     return root
 
 
@@ -201,8 +203,8 @@ def _wait_for(path: Path, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def _train_cmd(prepared, run, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "havoc_core.cli", "pretrain", "--init", str(prepared / "tiny.json"),
+def _train_cmd(prepared, run, steps: int, *extra: str, init: str = "tiny.json") -> list[str]:
+    return [sys.executable, "-m", "havoc_core.cli", "pretrain", "--init", str(prepared / init),
             "--data", str(prepared / "data"), "--tokenizer", str(prepared / "tok"), "--out-dir", str(run),
             "--max-steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--save-every", "1",
             "--keep-last", "100", "--eval-every", "1000", *extra]
@@ -210,11 +212,13 @@ def _train_cmd(prepared, run, steps: int, *extra: str) -> list[str]:
 
 def test_ctrl_c_saves_then_resume_continues_exactly(prepared, tmp_path):
     """Ctrl-C mid-run saves and exits cleanly; --resume then gives the same losses and weights,
-    bit for bit, as an uninterrupted run (same schedule, data order, RNG)."""
+    bit for bit, as an uninterrupted run (same schedule, data order, RNG: the model has dropout)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    out = subprocess.run(_train_cmd(prepared, straight, 30), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(_train_cmd(prepared, straight, 30, init="tiny_dropout.json"), capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    proc = subprocess.Popen(_train_cmd(prepared, split, 30), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train_cmd(prepared, split, 30, init="tiny_dropout.json"), stderr=subprocess.PIPE,
+                            text=True)
     _wait_for(split / "checkpoint_step_3")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -222,7 +226,8 @@ def test_ctrl_c_saves_then_resume_continues_exactly(prepared, tmp_path):
     assert "continue with --resume" in err and "Traceback" not in err
     step = int(list_checkpoints(split)[-1].name.rsplit("_", 1)[1])
     assert 3 <= step < 30 and max(read_metrics(split)[0]) == step  # the saved step is the last one trained
-    out = subprocess.run(_train_cmd(prepared, split, 30, "--resume"), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(_train_cmd(prepared, split, 30, "--resume", init="tiny_dropout.json"), capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0 and f"at step {step}" in out.stderr, out.stderr
     assert losses(split) == losses(straight) and len(losses(straight)) == 30
     a, b = load_model(straight).state_dict(), load_model(split).state_dict()

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from havoc_core.checkpoint import step_of
 from havoc_core.docs_task import docs_items, docs_scores
 from havoc_core.errors import HavocError
 from havoc_core.inference import load
+from havoc_core.model import HavocModel
+from havoc_core.tokenizer import HavocTokenizer
 
 BUILTIN_TASKS = ("havoc-docs",)
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -58,25 +60,46 @@ class TaskRun:
         return self
 
 
+@dataclass
+class Tasks:
+    """Tasks checked and ready to score any number of models (a training run scores one every
+    ``eval_tasks_every`` steps): lm-eval and its task index are set up once."""
+
+    run: TaskRun
+    lm_eval: Any = None
+    manager: Any = None
+
+    @classmethod
+    def prepare(cls, run: TaskRun) -> Tasks:
+        run.check()
+        lm_tasks = [t for t in run.tasks if t not in BUILTIN_TASKS]
+        if not lm_tasks:
+            return cls(run)
+        lm_eval = _import_lm_eval(lm_tasks)
+        return cls(run, lm_eval, _task_manager(lm_eval, lm_tasks, run.include_path))
+
+    def score(self, model: HavocModel, tokenizer: HavocTokenizer) -> dict[str, dict[str, Any]]:
+        """``results[task][metric]`` (and ``metric_stderr``, ``samples``) of ``model``."""
+        results: dict[str, dict[str, Any]] = {}
+        if "havoc-docs" in self.run.tasks:
+            items = docs_items("test")
+            items = items[: _limit_count(self.run.limit, len(items))]
+            scores = docs_scores(model, tokenizer, items)
+            stderr = {f"{k}_stderr": math.sqrt(v * (1 - v) / max(1, len(items) - 1)) for k, v in scores.items()}
+            results["havoc-docs"] = {**scores, **stderr, "samples": len(items)}  # lm-eval's stderr of a mean
+        lm_tasks = [t for t in self.run.tasks if t not in BUILTIN_TASKS]
+        if lm_tasks:
+            results.update(_run_lm_eval(self.lm_eval, self.manager, model, tokenizer, lm_tasks, self.run))
+        return results
+
+
 def run_tasks(checkpoint: str | None, run: TaskRun) -> dict[str, Any]:
     """Scores of every task in ``run`` on ``checkpoint``, as one JSON-ready dict:
     ``results[task][metric]`` (and ``metric_stderr``), the checkpoint, its step and config."""
-    run.check()
-    lm_tasks = [t for t in run.tasks if t not in BUILTIN_TASKS]
-    if lm_tasks:
-        lm_eval = _import_lm_eval(lm_tasks)
-        task_manager = _task_manager(lm_eval, lm_tasks, run.include_path)
+    tasks = Tasks.prepare(run)  # before the model loads: a bad task name costs no loading time
     loaded = load(checkpoint, device=run.device, dtype=run.dtype)
     t0 = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    if "havoc-docs" in run.tasks:
-        items = docs_items("test")
-        items = items[: _limit_count(run.limit, len(items))]
-        scores = docs_scores(loaded.model, loaded.tokenizer, items)
-        stderr = {f"{k}_stderr": math.sqrt(v * (1 - v) / max(1, len(items) - 1)) for k, v in scores.items()}
-        results["havoc-docs"] = {**scores, **stderr, "samples": len(items)}  # lm-eval's stderr of a mean
-    if lm_tasks:
-        results.update(_run_lm_eval(lm_eval, task_manager, loaded, lm_tasks, run))
+    results = tasks.score(loaded.model, loaded.tokenizer)
     return {"checkpoint": str(loaded.path), "step": step_of(loaded.path), "config": loaded.model.config.to_dict(),
             "run": asdict(run), "seconds": round(time.perf_counter() - t0, 2), "results": results}
 
@@ -121,7 +144,7 @@ def _task_manager(lm_eval: Any, tasks: Sequence[str], include_path: Sequence[str
 
 def _check_task_file(path: Path) -> None:
     """The fields lm-eval needs and otherwise fails on deep inside a run (often with an empty message)."""
-    import yaml
+    import yaml  # pyyaml arrives with the optional lm-eval extra
 
     if not path.is_file():
         raise HavocError(f"{path}: no such task file")
@@ -131,11 +154,9 @@ def _check_task_file(path: Path) -> None:
         raise HavocError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise HavocError(f"{path}: expected a YAML mapping of task fields")
-    import dataclasses
-
     from lm_eval.api.task import TaskConfig
 
-    known = {f.name for f in dataclasses.fields(TaskConfig)} | {"include", "group", "tag"}
+    known = {f.name for f in fields(TaskConfig)} | {"include", "group", "tag"}
     for key in spec:
         if key not in known:
             raise HavocError(f"{path}: {key}: not a task field (lm-eval's TaskConfig has {', '.join(sorted(known))})")
@@ -152,10 +173,11 @@ def _check_task_file(path: Path) -> None:
                          f"found {spec['output_type']!r}")
 
 
-def _run_lm_eval(lm_eval: Any, manager: Any, loaded: Any, tasks: list[str], run: TaskRun) -> dict[str, dict[str, Any]]:
-    from havoc_core.lm_eval_model import HavocLM
+def _run_lm_eval(lm_eval: Any, manager: Any, model: HavocModel, tokenizer: HavocTokenizer, tasks: list[str],
+                 run: TaskRun) -> dict[str, dict[str, Any]]:
+    from havoc_core.lm_eval_model import HavocLM  # it subclasses lm-eval's TemplateLM: an optional extra
 
-    lm = HavocLM(loaded.model, loaded.tokenizer, batch_size=run.batch_size)
+    lm = HavocLM(model, tokenizer, batch_size=run.batch_size)
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=run.num_fewshot, limit=run.limit, task_manager=manager,

@@ -25,7 +25,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
             name = torch.cuda.get_device_name(device)
             _PEAK_CACHE[key] = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
         else:  # best of 5 short trials: a busy moment (e.g. tokenizer threads winding down) can't deflate it
-            a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+            # its own generator: drawing from the global one would shift dropout's stream in the first
+            # run of a process only, and in a resumed run after its RNG state was restored
+            gen = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(1024, 1024, generator=gen).to(dtype) for _ in range(2))
             a @ b
             best = 0.0
             for _ in range(5):
@@ -54,6 +57,8 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[i
     val: dict[int, float] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
+        if "tasks" in rec:
+            continue
         if "val_loss" in rec and "loss" not in rec:
             val[rec["step"]] = rec["val_loss"]
         else:
@@ -61,8 +66,24 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[i
     return train, val
 
 
+def read_task_scores(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """``{step: {"task/metric": value}}`` from the run's ``eval_tasks`` records (stderrs left out);
+    the last record of a step wins, as a resumed run re-scores the steps after its checkpoint."""
+    path = Path(run_dir) / METRICS_FILE
+    scores: dict[int, dict[str, float]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "tasks" in rec:
+                scores[rec["step"]] = {f"{task}/{name}": value for task, metrics in rec["tasks"].items()
+                                       for name, value in metrics.items()
+                                       if isinstance(value, float) and not name.endswith("_stderr")}
+    return scores
+
+
 def plot_run(run_dir: str | Path) -> Path:
-    """Write ``loss.png`` (train and validation loss against step) beside the run."""
+    """Write ``loss.png`` beside the run: train and validation loss against step, and the benchmark
+    scores (``eval_tasks``) in a second panel when the run has them."""
     try:
         import matplotlib
 
@@ -71,7 +92,9 @@ def plot_run(run_dir: str | Path) -> Path:
     except ImportError:
         raise HavocError("plotting needs matplotlib: pip install 'havoc[train]'") from None
     train, val = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    scores = read_task_scores(run_dir)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4), squeeze=False)
+    ax = axes[0][0]
     steps = sorted(train)
     ax.plot(steps, [train[s]["loss"] for s in steps], label="train", lw=1)
     if val:
@@ -82,6 +105,16 @@ def plot_run(run_dir: str | Path) -> Path:
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:  # the second panel: benchmark scores (eval_tasks) against the same steps
+        right, steps_scored = axes[0][1], sorted(scores)
+        for key in sorted({k for s in scores.values() for k in s}):
+            xs = [s for s in steps_scored if key in scores[s]]
+            right.plot(xs, [scores[s][key] for s in xs], "o-", label=key)
+        right.set_xlabel("step")
+        right.set_ylabel("score")
+        right.set_title("eval_tasks")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
     out = Path(run_dir) / "loss.png"
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

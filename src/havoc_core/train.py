@@ -45,6 +45,7 @@ from havoc_core.config import PRESETS, HavocConfig, to_dict
 from havoc_core.data import MANIFEST, load_conversations, read_manifest, tokenizer_hash
 from havoc_core.distributed import Distributed
 from havoc_core.errors import ConfigError, HavocError
+from havoc_core.eval_tasks import TaskRun, Tasks
 from havoc_core.evaluate import loss_sums
 from havoc_core.metrics import append_metrics, peak_flops, plot_run
 from havoc_core.model import IGNORE_INDEX, HavocModel, load_model
@@ -183,6 +184,14 @@ class Trainer:
             _set_rng_state(resume_state["rng"])
             self.log(f"resumed {start} at step {self.step}")
         self.peak = peak_flops(device, self.compute_dtype)
+        self.tasks = None
+        if cfg.eval_tasks:  # checked (names, files, lm-eval installed) before the first step, not at step 500
+            run = TaskRun([t.strip() for t in cfg.eval_tasks.split(",")], limit=cfg.eval_tasks_limit or None,
+                          batch_size=cfg.batch_size)
+            try:
+                self.tasks = Tasks.prepare(run)
+            except HavocError as e:
+                raise ConfigError(f"train config: eval_tasks: {str(e).removeprefix('--tasks: ')}") from None
         self._stop = False
 
     # ------------------------------------------------------------------ setup helpers
@@ -271,6 +280,24 @@ class Trainer:
             dist.all_reduce(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
+    def score_tasks(self) -> dict[str, dict[str, Any]]:
+        """Benchmark scores of the weights as they are now. Every rank scores (same requests, same
+        result) so none waits on a barrier while rank 0 works; only rank 0 writes them."""
+        assert self.tasks is not None
+        t0, rng = time.perf_counter(), _rng_state()  # lm-eval seeds torch: training's stream must not see it
+        self.raw_model.eval()
+        try:
+            with torch.no_grad():
+                results = self.tasks.score(self.raw_model, self.tokenizer)
+        finally:
+            self.raw_model.train()
+            _set_rng_state(rng)
+        shown = " | ".join(f"{task} {name} {value:.3f}" for task, metrics in results.items()
+                           for name, value in metrics.items()
+                           if isinstance(value, float) and not name.endswith("_stderr"))
+        self.log(f"step {self.step:>6} | {shown} | {time.perf_counter() - t0:.1f} s")
+        return results
+
     # ------------------------------------------------------------------ the loop
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop:  # second Ctrl-C: give up at once
@@ -338,6 +365,10 @@ class Trainer:
                         append_metrics(self.out_dir, {"step": self.step, "val_loss": round(val, 6)})
                     self.log(f"step {self.step:>6} | train loss {loss_value:.4f} | val loss {val:.4f} | "
                              f"ppl {math.exp(min(val, 50)):.1f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
+                if self.tasks is not None and (self.step % cfg.eval_tasks_every == 0 or self.step == cfg.max_steps):
+                    scores = self.score_tasks()
+                    if self.dist.main:
+                        append_metrics(self.out_dir, {"step": self.step, "tasks": scores})
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self.save(last)
             if self._stop_all() and self.step < cfg.max_steps:

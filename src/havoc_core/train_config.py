@@ -36,6 +36,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 10
+    eval_tasks: str = ""  # benchmark tasks scored during training, as `havoc eval --tasks` takes them
+    eval_tasks_every: int = 500  # steps between task scores (and at the last step)
+    eval_tasks_limit: int = 0  # questions per task (0 = all)
     save_every: int = 500
     keep_last: int = 3
     seed: int = 1337
@@ -45,12 +48,12 @@ class TrainConfig:
     skip_invalid: bool = False  # sft: skip (and count) invalid conversations instead of failing
 
     def validate(self, where: str = "train config: ") -> TrainConfig:
-        positive = ["max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                    "keep_last"]
+        positive = ["max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "eval_tasks_every",
+                    "save_every", "keep_last"]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}{key}: expected a positive integer, found {getattr(self, key)}")
-        for key in ["seq_len", "warmup_steps"]:
+        for key in ["seq_len", "warmup_steps", "eval_tasks_limit"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}{key}: expected an integer >= 0, found {getattr(self, key)}")
         if not self.lr > 0:
@@ -61,6 +64,9 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             key = "weight_decay" if self.weight_decay < 0 else "grad_clip"
             raise ConfigError(f"{where}{key}: expected a number >= 0, found {getattr(self, key)}")
+        if self.eval_tasks and self.fsdp:
+            raise ConfigError(f"{where}eval_tasks: not with fsdp=true (the sharded model cannot score alone); "
+                              "score the saved checkpoints with `havoc eval CKPT --tasks ...`")
         return self
 
     @classmethod
