@@ -131,7 +131,9 @@ def test_chat_logprobs_stream_and_whole(client, loaded):
         assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6) and c.top_logprobs[0].token == c.token
     chunks = list(client.chat.completions.create(**args, stream=True))
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # same tokens; the stream's prompt was partly cached, so its prefill ran fewer tokens (rounding differs)
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
     plain = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=8).choices[0]
     assert plain.logprobs is None and plain.message.content == whole.message.content
 

@@ -225,6 +225,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
         else:
             kind = next(t for t in (int, float) if t is tp or t in typing.get_args(tp))
             g.add_argument(flag, type=kind, default=None, help=shown)
+    g.add_argument("--json-schema", metavar="FILE|JSON", dest="json_schema",
+                   help="the reply is JSON valid against this schema (a file or inline JSON), enforced while decoding")
 
 
 def _sampling(args: argparse.Namespace, base: Any) -> Any:
@@ -235,7 +237,27 @@ def _sampling(args: argparse.Namespace, base: Any) -> Any:
              if getattr(args, f.name, None) is not None}
     if "stop" in given:
         given["stop"] = tuple(given["stop"])
+    if "json_schema" in given:
+        given["json_schema"] = _json_schema(given["json_schema"])
     return dataclasses.replace(base, **given).validate()
+
+
+def _json_schema(value: str) -> dict[str, Any]:
+    """``--json-schema``: a file holding the schema, or the schema inline as JSON."""
+    try:
+        inline = not Path(value).is_file()
+    except OSError:  # a long inline schema is too long for a file name
+        inline = True
+    where = "--json-schema" if inline else value
+    if inline and value.lstrip()[:1] not in ("{", "["):
+        raise HavocError(f"--json-schema: {value}: no such file (or give the schema inline as JSON)")
+    try:
+        schema = json.loads(value if inline else Path(value).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HavocError(f"{where}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise HavocError(f"{where}: expected a JSON schema object, found {type(schema).__name__}")
+    return schema
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ lengths join and leave between decode steps (continuous batching)::
 prefills its new tokens only). ``Event.text`` is always whole UTF-8 characters and never runs into
 a stop string. ``generate`` (many prompts -> completions, queueing beyond ``max_batch``) and
 ``stream`` (text deltas of one request) drive the engine themselves; a server calls
-``add``/``step``/``remove`` from one thread. The engine never changes the model it is given:
-prepare it first (``inference.prepare_model``), which is where the dtypes and kernels are chosen.
+``add``/``step``/``remove`` from one thread. The engine never changes the model it is given: prepare
+it first (``inference.prepare_model``: dtypes, kernels). ``SamplingParams.json_schema``: grammar.py.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from torch import Tensor
 
 from havoc_core.detokenize import TextStream
 from havoc_core.errors import HavocError
+from havoc_core.grammar import Constraint, Grammars, mask_logits
 from havoc_core.model import HavocModel
 from havoc_core.precision import prefill_dtype as default_prefill_dtype
 from havoc_core.sampling import SamplingParams, sample_tokens
 
 FinishReason = Literal["stop", "length", "abort"]
+Prompt = Sequence[int] | str  # token ids, or text the engine tokenizes
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Slot:
     seen: Tensor | None = None  # ids seen so far, for the repetition penalty
     counts: Tensor | None = None  # how often each id was generated, for presence/frequency penalties
     logprobs: list[TokenLogprob] | None = None  # one per sampled token, when asked for
+    constraint: Constraint | None = None  # params.json_schema's grammar, at this reply's position
 
     @property
     def active(self) -> bool:
@@ -119,16 +122,17 @@ class Engine:
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model.embed.weight.dtype, self.device)
         self.stop_ids = {cfg.eos_token_id}
         self._decode = torch.compile(model, dynamic=True) if compile else model
+        self._grammars: Grammars | None = None  # built at the first request with a json_schema
 
     # ------------------------------------------------------------------ requests
 
-    def add(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
+    def add(self, prompt: Prompt, params: SamplingParams | None = None, *,
             slot: int | None = None) -> int:
         """Prefill ``prompt`` into ``slot`` (default: the first free one), reusing whatever prefix of
         it the slot's cache already holds, and sample the first token (reported by the next step)."""
         return self.add_batch([(prompt, params, slot)])[0]
 
-    def add_batch(self, requests: Sequence[tuple[Sequence[int] | str, SamplingParams | None, int | None]]) -> list[int]:
+    def add_batch(self, requests: Sequence[tuple[Prompt, SamplingParams | None, int | None]]) -> list[int]:
         """``add`` for several (prompt, params, slot) requests in one prefill forward pass: requests
         that arrive together cost about one prefill instead of one each (8 prompts of 20 tokens on
         havoc-tiny: 17 ms vs 8 x 5 ms). Everything is checked before anything changes."""
@@ -140,6 +144,8 @@ class Engine:
             if any(int(k) >= vocab for k in params.logit_bias):
                 raise HavocError(f"logit_bias: token ids must be below the vocabulary size {vocab}, found "
                                  f"{max(int(k) for k in params.logit_bias)}")
+            if params.json_schema is not None:
+                self.grammars().compile(params.json_schema)  # SchemaError before anything changes
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if not ids:
                 raise HavocError("prompt: expected at least one token, found an empty prompt")
@@ -187,8 +193,16 @@ class Engine:
                 state.logprobs = []
             if self.tokenizer is not None:
                 state.stream = TextStream(self.tokenizer, params.stop)
+            state.constraint = None if params.json_schema is None else self.grammars().matcher(params.json_schema)
         self._sample_rows(states, logits)
         return [slot for slot, *_ in rows]
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:  # on first use: the token table takes ~0.1 s to build
+            if self.tokenizer is None:
+                raise HavocError("json_schema: the engine needs the model's tokenizer to enforce a schema")
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.model.config.eos_token_id)
+        return self._grammars
 
     def step(self) -> list[Event]:
         """Advance every active slot by one token: prefilled slots report the token their prefill
@@ -259,7 +273,7 @@ class Engine:
 
     # ------------------------------------------------------------------ drivers
 
-    def stream(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                slot: int | None = None) -> Iterator[str]:
         """Text deltas of one request; leaving the loop early (or Ctrl-C) ends the request.
         ``result(slot)`` has the ids afterwards (the slot is kept, for prefix reuse)."""
@@ -272,8 +286,7 @@ class Engine:
         finally:
             self.finish(slot)
 
-    def generate(self, prompts: Sequence[Sequence[int] | str],
-                 params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[Completion]:
         """Complete every prompt, ``max_batch`` at a time; a finished request's slot goes to the next
         prompt. With ``params.n`` > 1, n completions per prompt (prompt-major), sample j seeded with
         ``seed + j``; copies that are prefilled together share one prefill."""
@@ -328,8 +341,8 @@ class Engine:
         """Sample every state's next (pending) token from its row of logits [N, V], in one batch."""
         if torch.isnan(logits.sum()):  # a sum is ~5x cheaper than isnan(logits).any() at [8, 8192]
             raise HavocError("the model produced NaN logits: its weights are broken (diverged training or a bad file)")
-        tokens = sample_tokens(logits, [s.params for s in states], [s.generator for s in states],
-                               [s.seen for s in states], [s.counts for s in states],
+        tokens = sample_tokens(mask_logits(logits, [s.constraint for s in states]), [s.params for s in states],
+                               [s.generator for s in states], [s.seen for s in states], [s.counts for s in states],
                                [s.generated for s in states])
         want = [j for j, s in enumerate(states) if s.logprobs is not None]
         if want:  # only requests that ask pay for the log-softmax
@@ -341,6 +354,8 @@ class Engine:
                 states[j].logprobs.append(TokenLogprob(tokens[j], picked[r], tops[r][:k]))  # type: ignore[union-attr]
         for s, token in zip(states, tokens, strict=True):
             s.pending = token
+            if s.constraint is not None:
+                s.constraint.advance(token)
             if s.seen is not None:
                 s.seen[token] = True
             if s.counts is not None:

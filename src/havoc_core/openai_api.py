@@ -52,10 +52,59 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Body):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: Annotated[str, BeforeValidator(_text_content)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: Annotated[str | None, BeforeValidator(_text_content)] = None  # None: an assistant's tool calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this answers
+    refusal: str | None = None  # echoed back by clients that keep whole assistant messages
+
+
+class Function(Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none = no arguments
+    strict: bool | None = None  # every call is generated under its schema anyway
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON value
+    strict: bool | None = None  # every reply is generated under the schema anyway
+
+
+class ResponseFormat(Body):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(Body):
@@ -115,8 +164,10 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call per reply either way
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # in the API, not possible here: refused by name (serve.UNSUPPORTED says why)
     audio: Any = None
     modalities: list[str] | None = None
@@ -201,9 +252,10 @@ class Reply:
         return body
 
     def chunk(self, index: int = 0, text: str = "", reason: str | None = None, opening: bool = False,
-              logprobs: Any = None) -> dict[str, Any]:
+              logprobs: Any = None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.shape.chat:
-            delta = {"role": "assistant", "content": ""} if opening else {"content": text} if text else {}
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if opening else {"content": text} if text else {}
             choice: dict[str, Any] = {"delta": delta}
         else:
             choice = {"text": text}

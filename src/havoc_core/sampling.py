@@ -62,6 +62,8 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict, metadata={"cli": False})
     n: int = field(default=1, metadata={"cli": False})  # independent samples of one prompt (Engine.generate)
     logprobs: int | None = field(default=None, metadata={"cli": False})  # report this many alternatives (0-20)
+    # the reply is a JSON document valid against this schema, enforced token by token (grammar.py)
+    json_schema: Mapping[str, Any] | None = field(default=None, metadata={"cli": False})
 
     def samples(self) -> list[SamplingParams]:
         """The ``n`` single-sample params of this request: sample j is seeded with ``seed + j``."""
@@ -96,6 +98,10 @@ class SamplingParams:
         for name, value, ok, expected in checks:
             if not ok:
                 raise SamplingError(name, f"expected {expected}, found {value!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, Mapping):
+            raise SamplingError("json_schema", f"expected a JSON schema object, found {self.json_schema!r}")
+        if self.json_schema is not None and self.ignore_eos:
+            raise SamplingError("ignore_eos", "not with json_schema: a complete document ends the reply")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop", f"expected non-empty strings, found {list(self.stop)!r}")
         return self

@@ -190,9 +190,19 @@ async def _sse(stream: AsyncIterator[tuple[int, Item]], reply: Reply, plan: Plan
                 elif plan.echo:
                     yield event(reply.chunk(i, plan.echo[i]))
             async for index, item in stream:
-                if isinstance(item, Done):
+                if isinstance(item, Done) and plan.tool_call:  # a call is sent whole, once it parses
+                    dones.append(item)
+                    body, reason = plan.choice(index, item)
+                    message = body["message"]
+                    delta = ({"tool_calls": [{"index": 0, **message["tool_calls"][0]}]} if reason == "tool_calls"
+                             else {"content": message["content"]})
+                    yield event(reply.chunk(index, delta=delta))
+                    yield event(reply.chunk(index, reason=reason))
+                elif isinstance(item, Done):
                     dones.append(item)
                     yield event(reply.chunk(index, reason=item.completion.finish_reason))
+                elif plan.tool_call:
+                    continue
                 elif isinstance(item, Piece):
                     yield event(reply.chunk(index, item.text, logprobs=plan.piece(item, sent[index])))
                     sent[index] += len(item.text)
