@@ -45,6 +45,7 @@ def test_every_reply_of_a_random_model_validates(engine, schema):
     for r in replies:
         assert r.finish_reason == "stop", (r.finish_reason, r.text)
         jsonschema.validate(json.loads(r.text), schema)
+        assert list(json.loads(r.text)) == list(schema["properties"])  # in the schema's order, as OpenAI's
     assert len({r.text for r in replies}) > 1  # sampled, not one forced string
 
 

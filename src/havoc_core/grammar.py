@@ -49,7 +49,7 @@ class Grammars:
 
     def compile(self, schema: Mapping[str, Any]) -> str:
         """The llguidance grammar of ``schema``; SchemaError naming what it cannot enforce."""
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # not sorted: the properties are generated in the schema's order
         if key not in self._compiled:
             try:
                 grammar = self.lib.LLMatcher.grammar_from_json_schema(key, overrides=JSON_OPTIONS)
