@@ -49,6 +49,7 @@ from havoc_core.openai_api import (
 )
 from havoc_core.openai_jobs import Plan, Planner
 from havoc_core.precision import Quantize
+from havoc_core.serve_metrics import CONTENT_TYPE, ServerMetrics, StatusCounter
 from havoc_core.server_loop import Done, EngineLoop, Item, Piece
 
 MAX_BODY_BYTES = 1 << 20
@@ -80,6 +81,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
     """The ASGI app for one prepared model (``inference.load``); its engine thread runs while the
     app does (lifespan)."""
     runner = EngineLoop(Engine(model, tokenizer, max_batch=max_batch))
+    runner.metrics = metrics = ServerMetrics(model_name, runner.stats)
     context = model.config.max_seq_len
     created = int(time.time())
     planner = Planner(tokenizer, context, model.config.vocab_size)
@@ -156,6 +158,12 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
     async def model_info(name: str) -> dict[str, Any]:
         check_model(name)
         return model_card()
+
+    app.add_middleware(StatusCounter, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:  # no key needed, like /health: scrapers rarely carry one
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -13,14 +13,18 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from havoc_core.engine import Completion, Engine, TokenLogprob
 from havoc_core.openai_api import ApiError
 from havoc_core.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from havoc_core.serve_metrics import ServerMetrics
 
 
 @dataclass
@@ -64,6 +68,8 @@ class _Request:
     cancelled: bool = False  # set by the event loop when the client is gone
     cached: int = 0  # prompt tokens found in the slot's cache (not prefilled again)
     scored: list[TokenLogprob | None] | None = None
+    queued: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None  # when its latest token came out (latency metrics)
 
     @property
     def ids(self) -> list[int]:
@@ -80,8 +86,8 @@ class EngineLoop:
     cache holds the longest prefix of the prompt), runs one batched decode step for all running
     requests, and hands each request its text deltas and, at the end, a ``Done``."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None) -> None:
+        self.engine, self.metrics = engine, metrics
         self._inbox: queue.Queue[list[_Request] | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
@@ -223,18 +229,26 @@ class EngineLoop:
             self.counts["failed"] += len(self._running)
             self._running.clear()
             return
+        now = time.perf_counter()
         for event in events:
             request = self._running[event.slot]
+            if self.metrics is not None:
+                self.metrics.token(now - (request.last_token or request.queued), first=request.last_token is None)
+                request.last_token = now
             if event.logprob is not None:
                 self._send(request, Piece(event.text, event.logprob))
             elif event.text:
                 self._send(request, event.text)
             if event.finish_reason is not None:
-                self._send(request, Done(self.engine.result(event.slot), request.cached, request.scored))
+                done = Done(self.engine.result(event.slot), request.cached, request.scored)
+                self._send(request, done)
                 del self._running[event.slot]
-                self.counts["completed"] += 1
+                self._finished(done)
 
-
+    def _finished(self, done: Done) -> None:
+        self.counts["completed"] += 1
+        if self.metrics is not None:
+            self.metrics.finished(done.completion.prompt_tokens, len(done.completion.ids))
 
     def _score_only(self) -> None:
         """Answer the waiting jobs that only score their prompt (no slot needed), in arrival order."""
@@ -251,6 +265,7 @@ class EngineLoop:
                     self.counts["failed"] += 1
                     self._send(request, ApiError(500, f"scoring failed: {e}", kind="server_error"))
                     continue
-                self._send(request, Done(Completion(len(request.ids), [], "", "length", []), 0, scored))
-                self.counts["completed"] += 1
+                done = Done(Completion(len(request.ids), [], "", "length", []), 0, scored)
+                self._send(request, done)
+                self._finished(done)
         self._waiting = rest
