@@ -192,12 +192,12 @@ def parse_body(cls: type[Body], body: bytes) -> Any:
         return cls.model_validate_json(body)
     except ValidationError as e:
         errors = e.errors()
-        param, message = _describe(errors[0])
-        more = [_describe(err)[1] for err in errors[1:3]]
+        param, message = describe_error(errors[0])
+        more = [describe_error(err)[1] for err in errors[1:3]]
         raise ApiError(400, "; ".join([message, *more]), param) from None
 
 
-def _describe(err: Any) -> tuple[str | None, str]:
+def describe_error(err: Any) -> tuple[str | None, str]:
     """(param, one-line message) for a pydantic error: the field, what was expected, what was found."""
     loc = err["loc"]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None

@@ -48,6 +48,7 @@ from havoc_core.openai_api import (
     parse_body,
 )
 from havoc_core.openai_jobs import Plan, Planner
+from havoc_core.openai_responses import Responder, ResponsesRequest, chat_request, renamed
 from havoc_core.precision import Quantize
 from havoc_core.serve_metrics import CONTENT_TYPE, ServerMetrics, StatusCounter
 from havoc_core.server_loop import Done, EngineLoop, Item, Piece
@@ -149,6 +150,22 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
         return await handle(request, CompletionRequest, planner.completion, COMPLETION)
+
+    @app.post("/v1/responses", dependencies=[Depends(check_key)])
+    async def responses(request: Request) -> Response:
+        req = parse_body(ResponsesRequest, await _read_body(request, max_body_bytes))
+        check_model(req.model)
+        try:
+            plan = await asyncio.to_thread(planner.chat, chat_request(req))
+        except ApiError as e:
+            raise renamed(e) from None
+        responder = Responder(req, plan.prompt_tokens)
+        stream = runner.generate_many(plan.jobs)
+        if req.stream:
+            return StreamingResponse(responder.events(stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        dones = await _until_done_or_gone(stream, request, 1)
+        return Response(status_code=499) if dones is None else JSONResponse(responder.response(dones[0]))
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
