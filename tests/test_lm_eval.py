@@ -124,6 +124,37 @@ def test_scores_equal_lm_evals_hf_model_on_the_export(exported, tasks, chat):
                 theirs["results"][task]["bits_per_byte,none"], rel=1e-5)
 
 
+def test_local_completions_against_havoc_serve_equals_hf_on_the_export(exported, tasks, serving, tmp_path):
+    """lm-eval's own API client (``local-completions``: token ids, echo, logprobs, max_tokens 1)
+    scoring ``havoc serve`` gives the hf model's scores on the export of the same checkpoint. The
+    passages are cut to 12 words: prompt and the one generated token must fit the 96-token context
+    (the server refuses more, as vLLM does), where hf would left-truncate instead."""
+    from havoc_core.inference import load_for_inference
+    from havoc_core.serve import create_app
+
+    ckpt, hf_dir = exported
+    with open(tmp_path / "short.jsonl", "w") as f:
+        for line in (tasks["dir"] / "mc.jsonl").read_text().splitlines():
+            doc = json.loads(line)
+            f.write(json.dumps({**doc, "passage": " ".join(doc["passage"].split()[:12])}) + "\n")
+    body = tasks["mc"].read_text().split("fewshot_split: test\n", 1)[1]  # t_mc's prompt, choices, metrics
+    _yaml(tmp_path / "short.yaml", "t_short", tmp_path / "short.jsonl", body)
+    short = {"dir": tmp_path}
+    model, tok = load_for_inference(ckpt, dtype=torch.float32)
+    theirs = _evaluate("hf", short, model_args=f"pretrained={hf_dir},dtype=float32", batch_size=6, device="cpu",
+                       names=["t_short"])
+    with serving(create_app(model, tok, model_name="havoc")) as server:
+        args = (f"model=havoc,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={hf_dir},max_length=95,num_concurrent=1,max_retries=1")
+        served = _evaluate("local-completions", short, model_args=args, names=["t_short"])
+    a, b = _responses(served, "t_short"), _responses(theirs, "t_short")
+    assert len(a) == len(b) == 24
+    for x, y in zip([x for r in a for x in r], [y for r in b for y in r], strict=True):
+        assert x[0][0] == pytest.approx(y[0][0], abs=1e-4) and x[0][1] == y[0][1]  # logprob, is_greedy
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"]["t_short"][metric] == theirs["results"]["t_short"][metric]
+
+
 def test_shared_context_scoring_equals_one_request_at_a_time(exported, tok):
     """The batched, context-shared path against a plain full forward pass per request."""
     ckpt, _ = exported
