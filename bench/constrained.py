@@ -5,7 +5,8 @@ same prompts in the same run, at batch 1 and 8 (what 1 and 8 clients of ``havoc 
     python bench/constrained.py [--preset havoc-tiny] [--tokens 128] [--rounds 3]
 
 Random weights: a schema of at least 100 records keeps each reply going to the token limit (so
-the batch stays full, as in the plain modes); tokens/s counts the tokens actually generated. Results also go to bench/results/constrained.json.
+the batch stays full, as in the plain modes); tokens/s counts the tokens actually generated.
+Results also go to bench/results/constrained.json.
 """
 
 from __future__ import annotations

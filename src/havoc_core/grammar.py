@@ -55,7 +55,13 @@ class Grammars:
                 grammar = self.lib.LLMatcher.grammar_from_json_schema(key, overrides=JSON_OPTIONS)
             except ValueError as e:
                 raise SchemaError(f"json_schema: not a JSON schema ({_one_line(e)})") from None
-            is_error, messages = self.lib.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            try:
+                is_error, messages = self.lib.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # llguidance 1.9 panics (pyo3's PanicException is a BaseException)
+                # while cutting its error message inside a multi-byte character (docs/LOG.md)
+                raise SchemaError(f"json_schema: cannot be enforced (llguidance: {_one_line(e)[:120]})") from None
             if is_error:
                 raise SchemaError(f"json_schema: cannot be enforced: {_one_line(messages[0])}")
             self._compiled[key] = grammar
