@@ -218,15 +218,15 @@ def _add_generation_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         shown = f"{f.metadata['help']} (default: {', '.join(default) if f.name == 'stop' else default})"
         tp = hints[f.name]
-        if tp is bool:
+        if f.metadata.get("cli") == "json":
+            g.add_argument(flag, metavar="FILE|JSON", default=None, help=f.metadata["help"])
+        elif tp is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif typing.get_origin(tp) is not None and str in typing.get_args(tp):  # Sequence[str]: repeatable
             g.add_argument(flag, action="append", default=None, help=f"{f.metadata['help']}")
         else:
             kind = next(t for t in (int, float) if t is tp or t in typing.get_args(tp))
             g.add_argument(flag, type=kind, default=None, help=shown)
-    g.add_argument("--json-schema", metavar="FILE|JSON", dest="json_schema",
-                   help="the reply is JSON valid against this schema (a file or inline JSON), enforced while decoding")
 
 
 def _sampling(args: argparse.Namespace, base: Any) -> Any:

@@ -62,8 +62,9 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict, metadata={"cli": False})
     n: int = field(default=1, metadata={"cli": False})  # independent samples of one prompt (Engine.generate)
     logprobs: int | None = field(default=None, metadata={"cli": False})  # report this many alternatives (0-20)
-    # the reply is a JSON document valid against this schema, enforced token by token (grammar.py)
-    json_schema: Mapping[str, Any] | None = field(default=None, metadata={"cli": False})
+    # enforced token by token (grammar.py); on the command line a file or inline JSON
+    json_schema: Mapping[str, Any] | None = field(default=None, metadata={
+        "cli": "json", "help": "the reply is JSON valid against this schema (a file or inline JSON)"})
 
     def samples(self) -> list[SamplingParams]:
         """The ``n`` single-sample params of this request: sample j is seeded with ``seed + j``."""
