@@ -1,19 +1,26 @@
 # Two set-up commands on a fresh machine: `make demo` and `make test` (see README.md).
 PY := .venv/bin/python
+DEMO_VENV := .venv/.installed-demo
 VENV := .venv/.installed
 
 .PHONY: demo test bench install clean browser
 
-$(VENV): pyproject.toml
+# the demo needs the light half (torch, tokenizers, matplotlib): a first contact waits for nothing else
+$(DEMO_VENV): pyproject.toml
 	python3 -m venv .venv
 	# torch first and pinned: the CPU wheel that lies on this disk, never a multi-GB CUDA download
 	.venv/bin/pip install torch==2.13.0
+	.venv/bin/pip install -e ".[train]"
+	touch $@
+
+# the tests drive everything: the serving stack, transformers, lm-eval, the openai client, ...
+$(VENV): $(DEMO_VENV)
 	.venv/bin/pip install -e ".[dev]"
 	touch $@
 
 install: $(VENV)
 
-demo: $(VENV)
+demo: $(DEMO_VENV)
 	.venv/bin/havoc demo
 
 test: $(VENV) browser

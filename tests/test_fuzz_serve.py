@@ -77,7 +77,7 @@ def url(endless_checkpoint, serving):
         yield server.url
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(case=st.sampled_from(sorted(ROUTES)).flatmap(lambda route: st.tuples(st.just(route), _body(route))))
 def test_any_body_is_answered_200_or_a_named_4xx(url, case):
@@ -91,7 +91,7 @@ def test_any_body_is_answered_200_or_a_named_4xx(url, case):
         assert error["type"] == "invalid_request_error" and error["message"], error
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(schema=SCHEMA | JSON, as_tool=st.booleans())
 def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
@@ -115,3 +115,19 @@ def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
         json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
     elif choice["finish_reason"] == "stop":
         json.loads(choice["message"]["content"])
+
+
+@pytest.mark.parametrize(("content", "ctype", "status"), [
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400),  # deep nesting
+    (json.dumps({"model": MODEL, "prompt": "x" * 10_000_000}).encode(), "application/json", 413),  # 10 MB
+    (b'{"model": "' + MODEL.encode() + b'", "prompt": "\xff\xfe\xc3"}', "application/json", 400),  # not UTF-8
+    (b"model=tiny-test&prompt=hi", "application/x-www-form-urlencoded", 400),
+    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 10**400}).encode(), "application/json", 400),
+    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1e308 * 10}).encode(), "application/json", 400),
+    (b"", "application/json", 400),
+])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_hostile_bytes_are_refused_in_one_line(url, route, content, ctype, status):
+    r = httpx.post(url + route, content=content, headers={"Content-Type": ctype}, timeout=60)
+    assert r.status_code == status, (r.status_code, r.text[:200])
+    assert r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]

@@ -210,14 +210,17 @@ def _train_cmd(prepared, run, steps: int, *extra: str, init: str = "tiny.json") 
             "--keep-last", "100", "--eval-every", "1000", *extra]
 
 
-def test_ctrl_c_saves_then_resume_continues_exactly(prepared, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ctrl_c_saves_then_resume_continues_exactly(prepared, tmp_path, optimizer):
     """Ctrl-C mid-run saves and exits cleanly; --resume then gives the same losses and weights,
-    bit for bit, as an uninterrupted run (same schedule, data order, RNG: the model has dropout)."""
+    bit for bit, as an uninterrupted run (same schedule, data order, RNG: the model has dropout;
+    optimizer state: AdamW's moments, or Muon's momentum and AdamW's)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    out = subprocess.run(_train_cmd(prepared, straight, 30, init="tiny_dropout.json"), capture_output=True,
+    opt = ("--optimizer", optimizer)
+    out = subprocess.run(_train_cmd(prepared, straight, 30, *opt, init="tiny_dropout.json"), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    proc = subprocess.Popen(_train_cmd(prepared, split, 30, init="tiny_dropout.json"), stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_train_cmd(prepared, split, 30, *opt, init="tiny_dropout.json"), stderr=subprocess.PIPE,
                             text=True)
     _wait_for(split / "checkpoint_step_3")
     proc.send_signal(signal.SIGINT)
@@ -226,8 +229,8 @@ def test_ctrl_c_saves_then_resume_continues_exactly(prepared, tmp_path):
     assert "continue with --resume" in err and "Traceback" not in err
     step = int(list_checkpoints(split)[-1].name.rsplit("_", 1)[1])
     assert 3 <= step < 30 and max(read_metrics(split)[0]) == step  # the saved step is the last one trained
-    out = subprocess.run(_train_cmd(prepared, split, 30, "--resume", init="tiny_dropout.json"), capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(_train_cmd(prepared, split, 30, "--resume", *opt, init="tiny_dropout.json"),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and f"at step {step}" in out.stderr, out.stderr
     assert losses(split) == losses(straight) and len(losses(straight)) == 30
     a, b = load_model(straight).state_dict(), load_model(split).state_dict()
@@ -307,3 +310,26 @@ def test_save_model_then_sft_init_from_checkpoint_dir(prepared, tmp_path):
                                     out_dir=str(tmp_path / "sft"), max_steps=2, batch_size=2, eval_every=2,
                                     eval_batches=1, save_every=2), progress=False)
     assert last["step"] == 2
+
+
+def test_muon_trains_the_block_matrices_and_adamw_the_rest(prepared, tmp_path):
+    """optimizer = "muon": the blocks' 2-D weights carry Muon's momentum, embeddings and norms
+    AdamW's moments; it learns; resuming with the other optimizer, or with FSDP, is refused."""
+    run = tmp_path / "run"
+    run_training(pretrain_cfg(prepared, run, max_steps=40, eval_every=40, save_every=40, optimizer="muon"),
+                 progress=False)
+    train, _ = read_metrics(run)
+    first, final = sum(train[s]["loss"] for s in range(1, 6)) / 5, sum(train[s]["loss"] for s in range(36, 41)) / 5
+    assert final < first - 0.5, (first, final)
+    state = torch.load(run / "checkpoint_step_40" / "optimizer.pt", weights_only=True)
+    muon_state = [v for v in state["muon"]["state"].values()]
+    adamw_state = [v for v in state["adamw"]["state"].values()]
+    model = load_model(run)
+    matrices = [n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2]
+    assert len(muon_state) == len(matrices) and all(set(v) == {"momentum_buffer"} for v in muon_state)
+    assert len(adamw_state) == len(list(model.parameters())) - len(matrices)
+    assert all({"exp_avg", "exp_avg_sq"} <= set(v) for v in adamw_state)
+    with pytest.raises(HavocError, match="optimizer: trained with 'muon', resumed with 'adamw'"):
+        run_training(pretrain_cfg(prepared, run, max_steps=50), resume=True, progress=False)
+    with pytest.raises(HavocError, match="optimizer: muon is not supported with fsdp=true"):
+        pretrain_cfg(prepared, run, optimizer="muon", fsdp=True).validate()

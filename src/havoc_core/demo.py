@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -57,12 +57,15 @@ class DemoPlan:
     reserve_share: float = 0.15  # of the budget, for the score (2 models x 452 questions) and the answers
     warmup_steps: int = 20  # measured before the step count is fixed
     pretrain_steps: int = 0
-    pretrain_batch: int = 16
+    # small batches, many steps: at a fixed time 4 x 256 learns more than 16 x 256 (AVX2 EPYC:
+    # 58.0% vs 38.3%, docs/LOG.md 2026-12-04)
+    pretrain_batch: int = 4
     pretrain_seq_len: int = 256
     sft_steps: int = 0
-    sft_batch: int = 8
+    sft_batch: int = 4
     lr: float = 2e-3
     sft_lr: float = 5e-4
+    optimizer: Literal["adamw", "muon"] = "adamw"
     max_steps: int = 5000
 
     def validate(self) -> DemoPlan:
@@ -163,11 +166,13 @@ def build(plan: DemoPlan, started: float | None = None) -> Path:
         return TrainConfig(phase="pretrain", init=plan.preset, data=str(shards), tokenizer=str(tok_dir),
                            out_dir=plan.pretrain_dir, max_steps=steps, batch_size=plan.pretrain_batch,
                            seq_len=plan.pretrain_seq_len, lr=plan.lr, warmup_steps=min(plan.warmup_steps, steps),
+                           optimizer=plan.optimizer,
                            eval_every=steps, save_every=steps, eval_batches=4)
 
     def sft(steps: int) -> TrainConfig:
         return TrainConfig(phase="sft", init=plan.pretrain_dir, out_dir=plan.sft_dir, max_steps=steps,
                            batch_size=plan.sft_batch, lr=plan.sft_lr, warmup_steps=min(plan.warmup_steps, steps),
+                           optimizer=plan.optimizer,
                            eval_every=steps, save_every=steps, eval_batches=4, skip_invalid=True)
 
     if not _done(plan.pretrain_dir, plan.pretrain_steps):

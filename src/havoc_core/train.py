@@ -49,6 +49,7 @@ from havoc_core.eval_tasks import TaskRun, Tasks
 from havoc_core.evaluate import loss_sums
 from havoc_core.metrics import append_metrics, peak_flops, plot_run
 from havoc_core.model import IGNORE_INDEX, HavocModel, load_model
+from havoc_core.optim import make_optimizer
 from havoc_core.precision import cpu_has_native_bf16, training_dtype
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_core.train_config import TrainConfig
@@ -62,8 +63,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-
-# --------------------------------------------------------------------------- data
 
 # --------------------------------------------------------------------------- helpers
 
@@ -90,16 +89,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(a: HavocConfig, b: HavocConfig) -> list[str]:
     fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
     return [f"{k}: {fa[k]} vs {fb[k]}" for k in fa if fa[k] != fb.get(k)]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never decay norms, biases or the embedding (nanoGPT's split, plus embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -129,6 +118,10 @@ class Trainer:
             if diff:
                 raise HavocError(f"{start}: cannot resume with a changed model config ({'; '.join(diff)})")
             resume_state = json.loads((start / TRAINER_STATE_FILE).read_text())
+            trained_with = resume_state.get("train_config", {}).get("optimizer", "adamw")
+            if trained_with != cfg.optimizer:
+                raise HavocError(f"{start}: optimizer: trained with {trained_with!r}, resumed with {cfg.optimizer!r} "
+                                 "(its state cannot carry over; use the same, or start a new run)")
             self.step, self.tokens_seen = resume_state["step"], resume_state["tokens_seen"]
         elif Path(cfg.init).is_dir():
             model = load_model(cfg.init, device=device)
@@ -161,8 +154,12 @@ class Trainer:
         # ---- wrap: compile, DDP / FSDP
         self.raw_model = model
         self.compute_dtype = training_dtype(cfg.dtype, device)
-        if self.compute_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-            self.log("warning: dtype bfloat16 on a CPU without native bf16: matmuls many times slower than fp32")
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            if self.compute_dtype == torch.bfloat16:
+                self.log("warning: dtype bfloat16 on a CPU without native bf16: matmuls many times slower than fp32")
+            if cfg.optimizer == "muon":  # torch.optim.Muon orthogonalises in bf16 (docs/LOG.md: 8x slower steps)
+                self.log("warning: optimizer muon on a CPU without native bf16: its Newton-Schulz bf16 matmuls "
+                         "are many times slower than fp32; adamw is faster here")
         self.amp = (torch.autocast(device.type, dtype=torch.bfloat16)
                     if self.compute_dtype == torch.bfloat16 else nullcontext())
         if cfg.fsdp:
@@ -177,8 +174,8 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+        self.optimizer = make_optimizer(self.raw_model, cfg.optimizer, cfg.lr, (cfg.beta1, cfg.beta2),
+                                        cfg.weight_decay, fused=device.type == "cuda")
         if start is not None and resume_state is not None:
             self._load_optimizer(start)
             _set_rng_state(resume_state["rng"])
@@ -410,7 +407,7 @@ class Trainer:
         return bool(flag.item())
 
 
-# --------------------------------------------------------------------------- metrics and plots
+# --------------------------------------------------------------------------- entry point
 
 def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     trainer = Trainer(cfg, resume=resume, progress=progress)

@@ -31,6 +31,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -64,6 +65,9 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             key = "weight_decay" if self.weight_decay < 0 else "grad_clip"
             raise ConfigError(f"{where}{key}: expected a number >= 0, found {getattr(self, key)}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError(f"{where}optimizer: muon is not supported with fsdp=true (Newton-Schulz needs each "
+                              "whole matrix); use adamw")
         if self.eval_tasks and self.fsdp:
             raise ConfigError(f"{where}eval_tasks: not with fsdp=true (the sharded model cannot score alone); "
                               "score the saved checkpoints with `havoc eval CKPT --tasks ...`")
