@@ -56,7 +56,8 @@ def test_n_samples_get_consecutive_seeds():
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
                                          ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
-                                         ("repetition_penalty", 0.0), ("stop", [""]), ("presence_penalty", 2.5),
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", 3e-113),
+                                         ("stop", [""]), ("presence_penalty", 2.5),
                                          ("frequency_penalty", -3), ("min_p", 1.5), ("n", 9), ("n", 0),
                                          ("logprobs", 21), ("logprobs", True), ("logit_bias", {3: 101}),
                                          ("logit_bias", {-1: 1.0}), ("logit_bias", {"a": 1.0})])
@@ -73,3 +74,12 @@ def test_repeated_ngram_bans_name_exactly_the_completing_ids():
     assert repeated_ngram_bans(reply, 4) == set()  # no earlier "x 1 2" ... "1 2" tail is only 2 long
     assert repeated_ngram_bans([*reply, 3], 4) == {9, 7}
     assert repeated_ngram_bans(reply, 1) == set(reply) and repeated_ngram_bans([5], 3) == set()
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    """Found by the HTTP fuzz: dividing by temperature 1e-300 overflowed the logits to inf and the
+    top-p cut indexed -1 (a 500). Below 1e-5 it is greedy, as in vLLM."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for t in (1e-300, 1e-6):
+        params = SamplingParams(temperature=t, top_p=0.5, top_k=3).validate()
+        assert sample_token(logits, params, torch.Generator().manual_seed(0)) == 1

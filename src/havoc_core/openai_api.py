@@ -187,7 +187,15 @@ class CompletionRequest(Sampling):
     best_of: int | None = Field(None, ge=1)
 
 
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, f"request body: {name} is not JSON (numbers must be finite)")
+
+
 def parse_body(cls: type[Body], body: bytes) -> Any:
+    try:  # pydantic reads NaN and Infinity: refused here, or they would be echoed into a reply no JSON can hold
+        json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # not JSON at all: pydantic's message below says where
+        pass
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:

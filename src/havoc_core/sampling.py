@@ -27,6 +27,10 @@ def _int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# a temperature this small is greedy (vLLM's rule): dividing by it would overflow the logits to inf
+GREEDY_BELOW = 1e-5
+
+
 class SamplingError(HavocError):
     """A sampling parameter out of range; ``field`` names the ``SamplingParams`` field."""
 
@@ -83,7 +87,7 @@ class SamplingParams:
              isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0, "an integer >= 0"),
             ("top_p", self.top_p, _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty,
-             _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+             _finite(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "a number in [0.01, 100]"),
             ("presence_penalty", self.presence_penalty,
              _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "a number in [-2, 2]"),
             ("frequency_penalty", self.frequency_penalty,
@@ -139,12 +143,12 @@ def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
         pen = torch.tensor(penalties, dtype=logits.dtype)[:, None]
         logits = torch.where(mask, torch.where(logits > 0, logits / pen, logits * pen), logits)
     tokens = [0] * n
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    greedy = [i for i, p in enumerate(params) if p.temperature < GREEDY_BELOW]
     if greedy:
         picked = (logits if len(greedy) == n else logits[greedy]).argmax(-1).tolist()
         for i, t in zip(greedy, picked, strict=True):
             tokens[i] = t
-    rows = [i for i, p in enumerate(params) if p.temperature != 0]
+    rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if not rows:
         return tokens
     ps = [params[i] for i in rows]
