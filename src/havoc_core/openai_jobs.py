@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,11 +123,13 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
 class Planner:
     """Builds ``Plan``s for one model (its tokenizer, context and vocabulary)."""
 
-    def __init__(self, tokenizer: Any, context: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, context: int, vocab_size: int, grammars: Callable[[], Grammars]) -> None:
+        """``grammars``: the engine's schema compiler (``Engine.grammars``), so a schema checked
+        here is compiled once, for the engine that enforces it."""
         self.tokenizer, self.context, self.vocab_size = tokenizer, context, vocab_size
         self.texts = TokenTexts(tokenizer)
         self.chat_stop_ids = tokenizer.turn_stop_ids()
-        self._grammars: Grammars | None = None  # built at the first request with a schema
+        self.engine_grammars = grammars
 
     def chat(self, req: ChatRequest) -> Plan:
         for name, why in UNSUPPORTED.items():
@@ -156,12 +159,10 @@ class Planner:
                     tool_call=tool_schema is not None)
 
     def grammars(self) -> Grammars:
-        if self._grammars is None:
-            try:
-                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.tokenizer.eos_id)
-            except HavocError as e:
-                raise ApiError(400, f"response_format: {e}", "response_format") from None
-        return self._grammars
+        try:
+            return self.engine_grammars()
+        except HavocError as e:  # llguidance not installed
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
 
     @staticmethod
     def response_schema(req: ChatRequest) -> dict[str, Any] | None:

@@ -81,11 +81,12 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "havoc", api_key
                max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app for one prepared model (``inference.load``); its engine thread runs while the
     app does (lifespan)."""
-    runner = EngineLoop(Engine(model, tokenizer, max_batch=max_batch))
-    runner.metrics = metrics = ServerMetrics(model_name, runner.stats)
+    engine = Engine(model, tokenizer, max_batch=max_batch)
+    runner = EngineLoop(engine)
+    runner.metrics = metrics = ServerMetrics(model_name, runner.stats)  # its gauges read the loop's stats
     context = model.config.max_seq_len
     created = int(time.time())
-    planner = Planner(tokenizer, context, model.config.vocab_size)
+    planner = Planner(tokenizer, context, model.config.vocab_size, engine.grammars)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

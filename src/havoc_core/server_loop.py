@@ -86,8 +86,9 @@ class EngineLoop:
     cache holds the longest prefix of the prompt), runs one batched decode step for all running
     requests, and hands each request its text deltas and, at the end, a ``Done``."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None) -> None:
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metrics: ServerMetrics | None = None  # set by the app that serves /metrics
         self._inbox: queue.Queue[list[_Request] | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
