@@ -25,7 +25,7 @@ from havoc_core.config import format_params
 from havoc_core.data import prepare_conversations, prepare_pretrain
 from havoc_core.demo import DemoPlan, run_demo
 from havoc_core.errors import HavocError
-from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, write_report
+from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, task_list, write_report
 from havoc_core.evaluate import evaluate_checkpoint
 from havoc_core.hf import export, import_hf
 from havoc_core.metrics import plot_run
@@ -117,7 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.tasks:
-        run = TaskRun([t.strip() for t in args.tasks.split(",")], num_fewshot=args.num_fewshot, limit=args.limit,
+        run = TaskRun(task_list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
                       batch_size=args.batch_size, include_path=args.include_path,
                       apply_chat_template=args.apply_chat_template, dtype=args.dtype)
         report = run_tasks(args.checkpoint, run)

@@ -32,6 +32,11 @@ INSTALL_HINT = "pip install 'havoc[eval]' (lm-evaluation-harness)"
 OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
 
 
+def task_list(text: str) -> list[str]:
+    """``--tasks`` / ``eval_tasks``: comma-separated task names or YAML files."""
+    return [t.strip() for t in text.split(",")]
+
+
 @dataclass
 class TaskRun:
     """What to run: the tasks and lm-eval's usual knobs."""
@@ -59,6 +64,11 @@ class TaskRun:
                 raise HavocError(f"--include-path: {d}: no such directory")
         return self
 
+    @property
+    def lm_tasks(self) -> list[str]:
+        """The tasks lm-evaluation-harness runs (all but the built-in ones)."""
+        return [t for t in self.tasks if t not in BUILTIN_TASKS]
+
 
 @dataclass
 class Tasks:
@@ -72,11 +82,10 @@ class Tasks:
     @classmethod
     def prepare(cls, run: TaskRun) -> Tasks:
         run.check()
-        lm_tasks = [t for t in run.tasks if t not in BUILTIN_TASKS]
-        if not lm_tasks:
+        if not run.lm_tasks:
             return cls(run)
-        lm_eval = _import_lm_eval(lm_tasks)
-        return cls(run, lm_eval, _task_manager(lm_eval, lm_tasks, run.include_path))
+        lm_eval = _import_lm_eval(run.lm_tasks)
+        return cls(run, lm_eval, _task_manager(lm_eval, run.lm_tasks, run.include_path))
 
     def score(self, model: HavocModel, tokenizer: HavocTokenizer) -> dict[str, dict[str, Any]]:
         """``results[task][metric]`` (and ``metric_stderr``, ``samples``) of ``model``."""
@@ -87,9 +96,8 @@ class Tasks:
             scores = docs_scores(model, tokenizer, items)
             stderr = {f"{k}_stderr": math.sqrt(v * (1 - v) / max(1, len(items) - 1)) for k, v in scores.items()}
             results["havoc-docs"] = {**scores, **stderr, "samples": len(items)}  # lm-eval's stderr of a mean
-        lm_tasks = [t for t in self.run.tasks if t not in BUILTIN_TASKS]
-        if lm_tasks:
-            results.update(_run_lm_eval(self.lm_eval, self.manager, model, tokenizer, lm_tasks, self.run))
+        if self.run.lm_tasks:
+            results.update(_run_lm_eval(self.lm_eval, self.manager, model, tokenizer, self.run.lm_tasks, self.run))
         return results
 
 

@@ -75,10 +75,15 @@ def read_task_scores(run_dir: str | Path) -> dict[int, dict[str, float]]:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             if "tasks" in rec:
-                scores[rec["step"]] = {f"{task}/{name}": value for task, metrics in rec["tasks"].items()
-                                       for name, value in metrics.items()
-                                       if isinstance(value, float) and not name.endswith("_stderr")}
+                scores[rec["step"]] = headline(rec["tasks"])
     return scores
+
+
+def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{"task/metric": value}`` of ``havoc eval --tasks`` results: the scores, without their
+    stderrs and sample counts."""
+    return {f"{task}/{name}": value for task, metrics in results.items() for name, value in metrics.items()
+            if isinstance(value, float) and not name.endswith("_stderr")}
 
 
 def plot_run(run_dir: str | Path) -> Path:

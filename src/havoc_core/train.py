@@ -45,9 +45,9 @@ from havoc_core.config import PRESETS, HavocConfig, to_dict
 from havoc_core.data import MANIFEST, load_conversations, read_manifest, tokenizer_hash
 from havoc_core.distributed import Distributed
 from havoc_core.errors import ConfigError, HavocError
-from havoc_core.eval_tasks import TaskRun, Tasks
+from havoc_core.eval_tasks import TaskRun, Tasks, task_list
 from havoc_core.evaluate import loss_sums
-from havoc_core.metrics import append_metrics, peak_flops, plot_run
+from havoc_core.metrics import append_metrics, headline, peak_flops, plot_run
 from havoc_core.model import IGNORE_INDEX, HavocModel, load_model
 from havoc_core.optim import make_optimizer
 from havoc_core.precision import cpu_has_native_bf16, training_dtype
@@ -183,7 +183,7 @@ class Trainer:
         self.peak = peak_flops(device, self.compute_dtype)
         self.tasks = None
         if cfg.eval_tasks:  # checked (names, files, lm-eval installed) before the first step, not at step 500
-            run = TaskRun([t.strip() for t in cfg.eval_tasks.split(",")], limit=cfg.eval_tasks_limit or None,
+            run = TaskRun(task_list(cfg.eval_tasks), limit=cfg.eval_tasks_limit or None,
                           batch_size=cfg.batch_size)
             try:
                 self.tasks = Tasks.prepare(run)
@@ -289,9 +289,7 @@ class Trainer:
         finally:
             self.raw_model.train()
             _set_rng_state(rng)
-        shown = " | ".join(f"{task} {name} {value:.3f}" for task, metrics in results.items()
-                           for name, value in metrics.items()
-                           if isinstance(value, float) and not name.endswith("_stderr"))
+        shown = " | ".join(f"{name} {value:.3f}" for name, value in headline(results).items())
         self.log(f"step {self.step:>6} | {shown} | {time.perf_counter() - t0:.1f} s")
         return results
 
