@@ -192,10 +192,13 @@ def _no_constant(name: str) -> Any:
 
 
 def parse_body(cls: type[Body], body: bytes) -> Any:
-    try:  # pydantic reads NaN and Infinity: refused here, or they would be echoed into a reply no JSON can hold
-        json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError):  # not JSON at all: pydantic's message below says where
-        pass
+    # pydantic reads NaN and Infinity: refused here, or they would be echoed into a reply no JSON can
+    # hold. Parsed a second time only when the bytes could hold one (inside a string they are fine)
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # not JSON at all: pydantic's message below says where
+            pass
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:
