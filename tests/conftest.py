@@ -4,7 +4,9 @@ uvicorn server on a free loopback port."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,27 @@ def topics() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def topic_choices(topics) -> Callable[..., Path]:
+    """``topic_choices(path, items, words, head)``: a 4-choice task as JSONL (``passage``,
+    ``choices``, ``gold``): which topic a passage (its words ``words[0]:words[1]``) opens, the
+    right topic's first line (``head`` characters) among three others. Seeded."""
+
+    def write(path: Path, items: int, words: tuple[int, int], head: int) -> Path:
+        rng = random.Random(0)
+        heads = [t.split("\n")[0][:head] for t in topics]
+        with open(path, "w") as f:
+            for i, t in enumerate(topics[:items]):
+                choices = rng.sample([h for j, h in enumerate(heads) if j != i], 3)
+                gold = rng.randrange(4)
+                choices.insert(gold, heads[i])
+                passage = " ".join(t.split()[words[0]:words[1]])
+                f.write(json.dumps({"passage": passage, "choices": choices, "gold": gold}) + "\n")
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,20 @@ def _body(route: str) -> st.SearchStrategy[dict]:
         lambda keys: st.fixed_dictionaries({k: fields[k] for k in keys})).map(lambda extra: {**base, **extra})
 
 
+def fuzz(examples: int) -> settings:
+    """Seeded (a failure reproduces on the next run), no per-example deadline: the wait on a slow
+    machine is bounded by httpx's timeout instead."""
+    return settings(max_examples=examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _non_finite(content: str) -> bool:
+    """Whether the JSON text holds a NaN or Infinity literal (not merely the word in a string)."""
+    found = []
+    json.loads(content, parse_constant=found.append)
+    return bool(found)
+
+
 @pytest.fixture(scope="module")
 def url(endless_checkpoint, serving):
     model, tok = load_for_inference(endless_checkpoint, pack=True)
@@ -77,8 +91,7 @@ def url(endless_checkpoint, serving):
         yield server.url
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@fuzz(600)
 @given(case=st.sampled_from(sorted(ROUTES)).flatmap(lambda route: st.tuples(st.just(route), _body(route))))
 def test_any_body_is_answered_200_or_a_named_4xx(url, case):
     route, body = case
@@ -91,8 +104,7 @@ def test_any_body_is_answered_200_or_a_named_4xx(url, case):
         assert error["type"] == "invalid_request_error" and error["message"], error
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@fuzz(400)
 @given(schema=SCHEMA | JSON, as_tool=st.booleans())
 def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
     """Random schemas (valid, invalid, unsupported) as response_format or a forced tool's
@@ -110,7 +122,7 @@ def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
     assert r.status_code in (200, 400), (r.status_code, r.text[:300], body)
     if r.status_code == 400:
         error = r.json()["error"]
-        if "Infinity" in content or "NaN" in content:
+        if _non_finite(content):
             assert error["param"] is None and "is not JSON" in error["message"], error
         else:
             assert error["param"].startswith("tools" if as_tool else "response_format"), error

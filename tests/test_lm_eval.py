@@ -33,19 +33,12 @@ def _yaml(path, name, data, body):
 
 
 @pytest.fixture(scope="module")
-def tasks(topics, tmp_path_factory):
+def tasks(topics, topic_choices, tmp_path_factory):
     """Three local tasks, one per request type, from the pydoc topics: multiple choice (which
     topic a passage opens), perplexity of whole passages (longer than the 96-token context, so
     rolling windows and truncation are exercised), and greedy continuation until a blank line."""
     d = tmp_path_factory.mktemp("tasks")
-    rng = random.Random(0)
-    heads = [t.split("\n")[0][:50] for t in topics]
-    with open(d / "mc.jsonl", "w") as f:
-        for i, t in enumerate(topics[:24]):
-            choices = rng.sample([h for j, h in enumerate(heads) if j != i], 3)
-            gold = rng.randrange(4)
-            choices.insert(gold, heads[i])
-            f.write(json.dumps({"passage": " ".join(t.split()[5:40]), "choices": choices, "gold": gold}) + "\n")
+    topic_choices(d / "mc.jsonl", items=24, words=(5, 40), head=50)
     with open(d / "roll.jsonl", "w") as f:
         for t in topics[:6]:
             f.write(json.dumps({"text": t[:1500]}) + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
 
 
 @pytest.fixture(scope="module")
-def setup(topics, tmp_path_factory):
+def setup(topics, topic_choices, tmp_path_factory):
     """A 512-token tokenizer and shards from the pydoc topics, a tiny config, and a local 4-choice
     task (which topic a passage opens) as an lm-eval YAML file."""
     from havoc_core import AttentionConfig, HavocConfig, MLPConfig
@@ -37,14 +36,7 @@ def setup(topics, tmp_path_factory):
     HavocConfig(vocab_size=tok.vocab_size, d_model=64, num_layers=2, max_seq_len=64,
                 attention=AttentionConfig(num_heads=4, num_kv_heads=2), mlp=MLPConfig(hidden_dim=128),
                 dropout=0.1).save(root / "tiny.json")
-    rng = random.Random(0)
-    heads = [t.split("\n")[0][:40] for t in topics]
-    with open(root / "mc.jsonl", "w") as f:
-        for i, t in enumerate(topics[:12]):
-            choices = rng.sample([h for j, h in enumerate(heads) if j != i], 3)
-            gold = rng.randrange(4)
-            choices.insert(gold, heads[i])
-            f.write(json.dumps({"passage": " ".join(t.split()[5:25]), "choices": choices, "gold": gold}) + "\n")
+    topic_choices(root / "mc.jsonl", items=12, words=(5, 25), head=40)
     (root / "topic.yaml").write_text(
         f"task: topic\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{passage}}\\nTopic:\"\n"
