@@ -83,3 +83,11 @@ def test_a_vanishing_temperature_is_greedy_not_nan():
     for t in (1e-300, 1e-6):
         params = SamplingParams(temperature=t, top_p=0.5, top_k=3).validate()
         assert sample_token(logits, params, torch.Generator().manual_seed(0)) == 1
+
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """Found by the HTTP fuzz: top_p 8e-182 is 0 in float32, the nucleus came out empty and the
+    cut indexed -1 (a 500). The most likely token always stays."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    params = SamplingParams(temperature=1.0, top_p=8e-182).validate()
+    assert sample_token(logits, params, torch.Generator().manual_seed(0)) == 1

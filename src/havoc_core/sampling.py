@@ -171,7 +171,8 @@ def sample_tokens(logits: Tensor, params: Sequence[SamplingParams],
         else:
             sorted_logits = torch.sort(x, dim=-1, descending=True).values
         probs = sorted_logits.softmax(-1)
-        keep = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)  # the smallest prefix reaching top_p
+        # the smallest prefix reaching top_p, never empty (a top_p below float32's range rounds to 0)
+        keep = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True).clamp(min=1)
         x = x.masked_fill(x < sorted_logits.gather(-1, keep - 1), -math.inf)  # ties with its last one stay
     # inverse CDF: one uniform draw (torch.multinomial draws V exponentials: ~7x slower per row at V=8192,
     # a large share of a batched decode step on CPU)
