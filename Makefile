@@ -15,7 +15,8 @@ $(DEMO_VENV): pyproject.toml
 
 # the tests drive everything: the serving stack, transformers, lm-eval, the openai client, ...
 $(VENV): $(DEMO_VENV)
-	.venv/bin/pip install -e ".[dev]"
+	# llama-cpp-python compiles llama.cpp (tests/test_gguf.py): on every core
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv/bin/pip install -e ".[dev]"
 	touch $@
 
 install: $(VENV)

@@ -25,21 +25,27 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """``open(path, mode)`` on a temporary sibling; on a clean exit it is fsynced and renamed to
-    ``path``, on an exception it is deleted and ``path`` is left as it was."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` for a writer that opens the file itself; on a clean exit it
+    is fsynced and renamed to ``path``, on an exception it is deleted and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` on a temporary sibling, renamed to ``path`` on a clean exit (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -27,6 +27,7 @@ from havoc_core.demo import DemoPlan, run_demo
 from havoc_core.errors import HavocError
 from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, task_list, write_report
 from havoc_core.evaluate import evaluate_checkpoint
+from havoc_core.gguf_export import OUTTYPES, export_gguf
 from havoc_core.hf import export, import_hf
 from havoc_core.metrics import plot_run
 from havoc_core.model import HavocModel
@@ -138,7 +139,15 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    print(f"wrote {export(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)} (Hugging Face Llama layout)")
+    if args.format == "gguf":
+        out = export_gguf(args.checkpoint, args.out, args.outtype or "f32", force=args.force, tokenizer=args.tokenizer)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {args.outtype or 'f32'}) and "
+              f"{out.with_suffix('.Modelfile')} (ollama); run it: llama-cli -m {out} (docs/GGUF.md)")
+        return
+    if args.outtype or args.force:
+        raise HavocError(f"{'--outtype' if args.outtype else '--force'}: only with --format gguf "
+                         "(the Hugging Face export keeps the checkpoint's dtype and replaces OUT)")
+    print(f"wrote {export(args.checkpoint, args.out, tokenizer=args.tokenizer)} (Hugging Face Llama layout)")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -335,9 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plot", cmd_plot, "write RUN/loss.png from RUN/metrics.jsonl")
     p.add_argument("run", help=f"run directory, e.g. {RUN_DIRS['pretrain']}")
 
-    p = add("export", cmd_export, "write a checkpoint as a Hugging Face Llama model dir (transformers, vLLM, ...)")
+    p = add("export", cmd_export, "write a checkpoint as a Hugging Face Llama model dir (transformers, vLLM, ...) "
+            "or as one GGUF file (llama.cpp, ollama, LM Studio)")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
-    p.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("out", help="hf: directory to write (config.json, model.safetensors, tokenizer files); "
+                   "gguf: the .gguf file (an ollama Modelfile is written beside it)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf")
+    p.add_argument("--outtype", choices=list(OUTTYPES), help="gguf weights: f32 (default), f16, bf16 or q8_0")
+    p.add_argument("--force", action="store_true", help="gguf: overwrite an existing file")
     p.add_argument("--tokenizer", help="tokenizer.json (or a dir with one) if the checkpoint has none")
 
     p = add("import", cmd_import, "turn a Hugging Face Llama model dir (safetensors) into a HAVOC checkpoint")
