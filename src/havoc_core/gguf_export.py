@@ -13,11 +13,15 @@ hard-codes is compensated in the written weights or refused by field (docs/GGUF.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -29,7 +33,10 @@ from havoc_core.config import HavocConfig
 from havoc_core.errors import HavocError
 from havoc_core.tokenizer import CHAT_TEMPLATE, ROLES, SPECIAL_TOKENS, HavocTokenizer
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# 4-bit types come from llama.cpp's own quantizer (the code `llama-quantize` runs), through
+# llama-cpp-python's C API: its k-quants choose per-tensor types and scales no numpy port matches
+LLAMA_CPP_QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", *LLAMA_CPP_QUANTS)
 GELU_NOTE = ("note: mlp.activation \"gelu\": llama.cpp's gemma computes GELU with the tanh approximation from an "
              "fp16 table, HAVOC with exact erf; logits differ slightly (docs/GGUF.md gives the measured size)")
 
@@ -173,11 +180,67 @@ def modelfile(gguf_file: Path) -> str:
             f'TEMPLATE """{{{{- range .Messages }}}}{turn}{{{{- end }}}}<|assistant|>"""\n{stops}')
 
 
+def _write(path: Path, state: dict[str, torch.Tensor], cfg: HavocConfig, tok: HavocTokenizer, outtype: str,
+           name: str, where: str) -> None:
+    gguf = _gguf()
+    arch = architecture(cfg)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    _add_hparams(writer, cfg, int(file_type))
+    _add_tokenizer(writer, gguf, tok, where)
+    # tensor infos first (shapes and byte sizes), then the data one tensor at a time: memory holds
+    # the checkpoint plus one converted tensor, whatever the model's size
+    plan = [(name, tuple(w.shape), _qtype(gguf, tuple(w.shape), outtype))
+            for name, w in gguf_tensors(state, cfg, arch)]
+    for name, shape, qtype in plan:
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+        writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    tensors = zip(plan, gguf_tensors(state, cfg, arch), strict=True)
+    for (_, _, qtype), (_, w) in tqdm(tensors, total=len(plan), desc=f"gguf {outtype}", unit="tensor", disable=None):
+        writer.write_tensor_data(_encode(gguf, w, qtype))
+    writer.close()
+
+
+@contextmanager
+def _stderr_to(log: IO[bytes]) -> Iterator[None]:
+    """Send file descriptor 2 (where llama.cpp's C code prints, tensor by tensor) to ``log``."""
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise HavocError(f"--outtype {outtype}: needs llama.cpp's quantizer: pip install llama-cpp-python, or "
+                         "run llama.cpp's llama-quantize on an f32 export (docs/GGUF.md)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_QUANTS[outtype])
+    params.nthread = os.cpu_count() or 1
+    with tempfile.TemporaryFile() as log:
+        with _stderr_to(log):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0:
+            log.seek(0)
+            last = (log.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+            raise HavocError(f"{dst}: llama.cpp's quantizer failed (return code {rc}): {last}")
+
+
 def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f32", *, force: bool = False,
                 tokenizer: str | Path | None = None) -> Path:
     """Write ``out`` (one .gguf: hyper-parameters, tokenizer, chat template, weights) and an ollama
     ``<stem>.Modelfile`` beside it, each atomically. Refuses before reading any weight."""
-    gguf = _gguf()
+    _gguf()
     if outtype not in OUTTYPES:
         raise HavocError(f"--outtype: expected one of {', '.join(OUTTYPES)}, found {outtype!r}")
     out = Path(out)
@@ -187,36 +250,23 @@ def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f32", *
         raise HavocError(f"{out}: already exists (pass --force to overwrite)")
     ckpt = find_checkpoint(checkpoint)
     cfg = HavocConfig.load(ckpt / CONFIG_FILE)
-    arch = architecture(cfg)
+    if architecture(cfg) == "gemma":
+        print(GELU_NOTE)
     tok_path = Path(tokenizer) if tokenizer else ckpt
     tok = HavocTokenizer.load(tok_path)
     tok.check_compatible(cfg)
     state = load_weights(ckpt, cfg)
-    if arch == "gemma":
-        print(GELU_NOTE)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     try:
         with atomic_path(out) as tmp:
-            writer = gguf.GGUFWriter(tmp, arch)
-            writer.add_name(ckpt.name)
-            _add_hparams(writer, cfg, int(file_type))
-            _add_tokenizer(writer, gguf, tok, str(tok_path))
-            # tensor infos first (shapes and byte sizes), then the data one tensor at a time: memory
-            # holds the checkpoint plus one converted tensor, whatever the model's size
-            plan = [(name, tuple(w.shape), _qtype(gguf, tuple(w.shape), outtype))
-                    for name, w in gguf_tensors(state, cfg, arch)]
-            for name, shape, qtype in plan:
-                nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
-                writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            tensors = zip(plan, gguf_tensors(state, cfg, arch), strict=True)
-            for (_, _, qtype), (_, w) in tqdm(tensors, total=len(plan), desc=f"gguf {outtype}", unit="tensor",
-                                              disable=None):
-                writer.write_tensor_data(_encode(gguf, w, qtype))
-            writer.close()
+            if outtype in LLAMA_CPP_QUANTS:  # from f32, the most precise source llama.cpp's quantizer takes
+                f32 = tmp.with_name(tmp.name + ".f32")
+                try:
+                    _write(f32, state, cfg, tok, "f32", ckpt.name, str(tok_path))
+                    _llama_quantize(f32, tmp, outtype)
+                finally:
+                    f32.unlink(missing_ok=True)
+            else:
+                _write(tmp, state, cfg, tok, outtype, ckpt.name, str(tok_path))
         with atomic_path(out.with_suffix(".Modelfile")) as tmp:
             tmp.write_text(modelfile(out))
     except OSError as e:
