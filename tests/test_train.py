@@ -248,12 +248,23 @@ def test_kill_9_at_ten_random_moments_then_resume_is_bit_exact(prepared, tmp_pat
     cmd = partial(_train_cmd, prepared, steps=steps, init="tiny_dropout.json")
     straight, run = tmp_path / "straight", tmp_path / "run"
     subprocess.run(cmd(straight), check=True, capture_output=True, timeout=600)
+
+    def newest() -> str:  # by step, not by count
+        return list_checkpoints(run)[-1].name if list_checkpoints(run) else ""
+
+    def next_save(after: str) -> str:
+        t0 = time.time()
+        while newest() == after and time.time() - t0 < 120:
+            time.sleep(0.002)
+        return newest()
+
     for _ in range(10):
         proc = subprocess.Popen(cmd(run) + ["--resume"], stderr=subprocess.DEVNULL)
-        before, t0 = len(list_checkpoints(run)), time.time()
-        while len(list_checkpoints(run)) <= before and time.time() - t0 < 120:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.2))
+        # two saves give this machine's step time; the kill lands within the next ~2 steps, at any speed
+        first = next_save(newest())
+        t1 = time.time()
+        next_save(first)
+        time.sleep(rng.uniform(0.0, 2 * (time.time() - t1)))
         proc.kill()
         proc.wait()
         assert list_checkpoints(run)[-1].name != f"checkpoint_step_{steps}", "killed too late: raise steps"
@@ -261,9 +272,9 @@ def test_kill_9_at_ten_random_moments_then_resume_is_bit_exact(prepared, tmp_pat
             load_model(ckpt)
             json.loads((ckpt / "trainer_state.json").read_text())
             torch.load(ckpt / "optimizer.pt", weights_only=True)
-    newest = int(list_checkpoints(run)[-1].name.rsplit("_", 1)[1])
+    last = int(newest().rsplit("_", 1)[1])
     out = subprocess.run(cmd(run) + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and f"at step {newest}" in out.stderr, out.stderr
+    assert out.returncode == 0 and f"at step {last}" in out.stderr, out.stderr
     assert losses(run)[steps] == losses(straight)[steps]
     a = load_model(straight / f"checkpoint_step_{steps}").state_dict()
     b = load_model(run / f"checkpoint_step_{steps}").state_dict()
