@@ -12,13 +12,9 @@ with it, nothing but the saved bytes loads.
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import shutil
 import struct
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,46 +22,18 @@ from typing import Any
 
 import pytest
 import torch
+from fuzzing import MUTATIONS, SEED, bounded
 
 from havoc_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_model
-from havoc_core.errors import HavocError
 from havoc_core.inference import load_for_inference
 from havoc_core.integrity import MANIFEST_FILE
 from havoc_core.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
-SEED = int(os.environ.get("HAVOC_FUZZ_SEED", "16"))
-CASE_SECONDS = 5.0
 TEXT = "The with statement is used to wrap the execution of a block"
 # change the function without touching a shape; only loadable (with other logits) without checksums.json
 FUNCTION_FIELDS = {"attention.rope_theta", "attention.rotary_dim", "layer_norm_eps", "mlp.activation"}
 # read by training or generation only: any valid value loads the same logits
 INERT_FIELDS = {"dropout", "attention.dropout", "mlp.dropout", "initializer_range", "max_seq_len"}
-
-
-def bounded(fn: Callable[[], Any], what: str) -> tuple[str, Any]:
-    """Run ``fn`` in a thread for at most CASE_SECONDS: ("ok", value) or ("refused", message); a
-    hang or any other exception fails with ``what``."""
-    out: list[tuple[str, Any]] = []
-
-    def work() -> None:
-        try:
-            out.append(("ok", fn()))
-        except HavocError as e:
-            out.append(("refused", str(e)))
-        except BaseException as e:  # noqa: BLE001 - a traceback is what this test is looking for
-            out.append(("crash", f"{e.__class__.__name__}: {e}"))
-
-    t0 = time.monotonic()
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(CASE_SECONDS)
-    assert not thread.is_alive(), f"seed {SEED}: {what}: no answer in {CASE_SECONDS} s"
-    assert time.monotonic() - t0 < CASE_SECONDS, f"seed {SEED}: {what}: took over {CASE_SECONDS} s"
-    kind, value = out[0]
-    assert kind != "crash", f"seed {SEED}: {what}: {value}"
-    if kind == "refused":
-        assert "\n" not in value and value, f"seed {SEED}: {what}: not one line: {value!r}"
-    return kind, value
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +70,6 @@ def set_leaf(tree: dict[str, Any], path: str, value: Any, delete: bool = False) 
         del tree[last]
     else:
         tree[last] = value
-
-
-MUTATIONS: list[tuple[str, Any]] = [
-    ("zero", 0), ("negative", -1), ("minus one half", -0.5), ("huge int", 10**12), ("vast int", 10**30),
-    ("max int64", 2**63 - 1), ("one", 1), ("two", 2), ("float", 1.5), ("NaN", math.nan), ("Infinity", math.inf),
-    ("-Infinity", -math.inf), ("string", "12"), ("empty string", ""), ("null", None), ("true", True),
-    ("false", False), ("list", [1, 2]), ("object", {"a": 1}), ("silu", "silu"), ("gelu", "gelu"),
-    ("tiny float", 1e-300), ("big float", 1e300), ("odd", 7), ("sixty-four", 64), ("1e6 layers", 1_000_000),
-]
 
 
 def config_cases(config: dict[str, Any]) -> Iterator[tuple[str, str, bytes]]:

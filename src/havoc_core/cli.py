@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="hf: directory to write (config.json, model.safetensors, tokenizer files); "
                    "gguf: the .gguf file (an ollama Modelfile is written beside it)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf")
-    p.add_argument("--outtype", choices=list(OUTTYPES), help="gguf weights: f32 (default), f16, bf16 or q8_0")
+    p.add_argument("--outtype", choices=list(OUTTYPES),
+                   help="gguf weights: f32 (default), f16, bf16, q8_0, or q4_k_m / q4_0 (llama.cpp's quantizer)")
     p.add_argument("--force", action="store_true", help="gguf: overwrite an existing file")
     p.add_argument("--tokenizer", help="tokenizer.json (or a dir with one) if the checkpoint has none")
 

@@ -74,6 +74,9 @@ def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
             return from_dict(tp, value, where=where, prefix=f"{path}.")
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # no setting means anything at NaN or infinity (JSON's literals and TOML's nan/inf parse)
+            if isinstance(value, int) and abs(value) > 2**1023 or not math.isfinite(value):
+                raise ConfigError(f"{where}{path}: expected a finite number, found {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -205,6 +205,12 @@ def conversation_example(record: Any, tokenizer: HavocTokenizer, max_len: int, w
     if not isinstance(record, dict) or "messages" not in record:
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise HavocError(f"{where}: expected an object with \"messages\", found {found}")
+    messages = record["messages"]
+    chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
+        if isinstance(messages, list) else 0
+    if chars > max_len * tokenizer.max_token_chars:
+        raise HavocError(f"{where}: {chars} characters, more than max_len {max_len} tokens can hold "
+                         "(conversations are never truncated: shorten it or use --skip-invalid)")
     try:
         ids, mask = render_chat(tokenizer, record["messages"])
     except HavocError as e:

@@ -7,12 +7,15 @@ Bad input (not UTF-8, empty, not JSON, no text) is a ``HavocError`` naming the f
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from havoc_core.errors import HavocError
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
@@ -35,9 +38,17 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
             empty = False
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(_decode(raw, path, lineno))
+                value = json.loads(_decode(raw, path, lineno))
+                if SURROGATE_ESCAPE.search(raw):  # a lone one (a pair is one character) is not text
+                    json.dumps(value, ensure_ascii=False).encode("utf-8")
+                yield where, value
             except json.JSONDecodeError as e:
                 yield where, HavocError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                yield where, HavocError(f"{where}: JSON nested too deeply")
+            except UnicodeEncodeError:
+                yield where, HavocError(f"{where}: a string holds an unpaired UTF-16 surrogate escape "
+                                        "(\\ud800-\\udfff): not text")
             except HavocError as e:
                 yield where, e
     if empty:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ class HavocTokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.num_reserved: int = len(tokenizer.get_added_tokens_decoder()) - len(SPECIAL_TOKENS)  # never produced
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one id can stand for: a text longer than ``n * max_token_chars``
+        needs more than ``n`` ids, known without tokenizing it (a 10 MB message is refused at once)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=False)))
 
     # ------------------------------------------------------------------ training and files
 
@@ -114,11 +121,14 @@ class HavocTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; never adds special tokens. (The batch call skips the offsets
         ``Tokenizer.encode`` computes: ~30% faster, same ids.)"""
-        return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` of many texts at once (parallel in Rust unless TOKENIZERS_PARALLELISM=false)."""
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        except TypeError:  # the Rust side takes only valid Unicode: not an unpaired surrogate
+            raise HavocError(_not_text(texts)) from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -200,3 +210,17 @@ def render_chat(tok: HavocTokenizer, messages: Sequence[dict[str, Any]],
         ids.append(tok.role_id("assistant"))
         mask.append(0)
     return ids, mask
+
+
+def _not_text(texts: Sequence[str]) -> str:
+    """Why ``texts`` cannot be tokenized: where the first unpaired surrogate is (as Python reads
+    invalid UTF-8 in a command line, ``\\udcff``), or what the non-string is."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return f"text {i}: expected a string, found {type(text).__name__}"
+        bad = next((j for j, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            return (f"text at character {bad}: {text[bad]!r} is not a Unicode character (invalid UTF-8 or an "
+                    "unpaired surrogate): expected valid text")
+    return "text: cannot be tokenized"
+
