@@ -16,10 +16,10 @@ from havoc_core.data import (
     load_conversations,
     open_split,
     prepare_conversations,
-    prepare_pretrain,
     tokenizer_hash,
     write_jsonl,
 )
+from havoc_core.prepare import prepare_pretrain
 from havoc_core.tokenizer import HavocTokenizer, render_chat
 
 

@@ -33,7 +33,7 @@ def topics_text() -> list[str]:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A 512-token BPE tokenizer trained on pydoc topics, the same text as shards, and a tiny config."""
-    from havoc_core.data import prepare_pretrain
+    from havoc_core.prepare import prepare_pretrain
     from havoc_core.tokenizer import HavocTokenizer
 
     root = tmp_path_factory.mktemp("prepared")

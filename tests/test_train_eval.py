@@ -26,7 +26,7 @@ def setup(topics, topic_choices, tmp_path_factory):
     """A 512-token tokenizer and shards from the pydoc topics, a tiny config, and a local 4-choice
     task (which topic a passage opens) as an lm-eval YAML file."""
     from havoc_core import AttentionConfig, HavocConfig, MLPConfig
-    from havoc_core.data import prepare_pretrain
+    from havoc_core.prepare import prepare_pretrain
     from havoc_core.tokenizer import HavocTokenizer
 
     root = tmp_path_factory.mktemp("train_eval")

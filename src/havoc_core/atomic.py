@@ -55,17 +55,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
-def write_atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` in a temporary sibling, fsync it, then rename it into place, so a
+def publish_dir(tmp: Path, final: str | Path) -> Path:
+    """Fsync the finished directory ``tmp`` and rename it to ``final`` (replacing an old one), so a
     crash at any moment leaves either the old directory or the complete new one under ``final``."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        write(tmp)
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -76,6 +71,19 @@ def write_atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling, then ``publish_dir`` it to ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        return publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

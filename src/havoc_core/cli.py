@@ -22,7 +22,7 @@ from havoc_core.builtin_corpus import builtin_conversations, builtin_documents
 from havoc_core.chat import CHAT_DEFAULTS, GENERATE_DEFAULTS, SMOKE_DEFAULTS, run_chat, run_generate, run_smoke
 from havoc_core.checkpoint import CHAT_RUN, RUN_DIRS, config_from_source, find_checkpoint, load_weights, save_model
 from havoc_core.config import format_params
-from havoc_core.data import prepare_conversations, prepare_pretrain
+from havoc_core.data import prepare_conversations
 from havoc_core.demo import DemoPlan, run_demo
 from havoc_core.errors import HavocError
 from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, task_list, write_report
@@ -31,6 +31,7 @@ from havoc_core.gguf_export import OUTTYPES, export_gguf
 from havoc_core.hf import export, import_hf
 from havoc_core.metrics import plot_run
 from havoc_core.model import HavocModel
+from havoc_core.prepare import default_workers, prepare_pretrain
 from havoc_core.sampling import SamplingParams
 from havoc_core.sources import hf_documents, read_documents, report_skipped
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
@@ -181,7 +182,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     else:
         sources = [Path(p) for p in args.inputs] if args.inputs else builtin_documents()
     manifest = prepare_pretrain(sources, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                                skip_invalid=args.skip_invalid, text_key=args.text_key, name=args.hf_dataset or "")
+                                skip_invalid=args.skip_invalid, text_key=args.text_key, name=args.hf_dataset or "",
+                                workers=args.workers or default_workers(), resume=args.resume, dedup=args.dedup,
+                                max_tokens=args.max_tokens, shard_tokens=args.shard_tokens)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)")
     print(f"wrote {args.out}")
@@ -370,14 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad files/lines instead of failing")
 
     p = add("prepare", cmd_prepare, "tokenize documents into uint32 shards (or check and write SFT conversations)")
-    p.add_argument("inputs", nargs="*", help="text/.jsonl files or dirs; none = the built-in Python docs "
-                   "(with --sft: one conversations .jsonl; none = the built-in conversations)")
+    p.add_argument("inputs", nargs="*", help="text, .jsonl(.gz/.zst), .parquet files or dirs; none = the "
+                   "built-in Python docs (with --sft: one conversations .jsonl; none = the built-in conversations)")
     p.add_argument("--tokenizer", required=True, help="tokenizer dir or tokenizer.json")
     p.add_argument("--out", required=True, help="data directory to write (with --sft: the .jsonl file)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad inputs instead of failing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf-dataset", help="a Hugging Face `datasets` name instead of files (needs `datasets`)")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: every core; the output "
+                   "is the same for any number)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted prepare from its last full shard")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (case and whitespace "
+                   "normalised); the count is in manifest.json")
+    p.add_argument("--max-tokens", type=int, help="stop after the document that brings the total to this")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (a resume restarts "
+                   "from the last full one)")
+    p.add_argument("--hf-dataset", metavar="NAME[:CONFIG]",
+                   help="a Hugging Face dataset, streamed, instead of files (needs `datasets`)")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl / --hf-dataset records")
     p.add_argument("--sft", action="store_true", help="conversations ({\"messages\": [...]}) instead of documents")

@@ -24,11 +24,12 @@ from havoc_core.atomic import write_atomic
 from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.chat import answer_questions, run_chat
 from havoc_core.checkpoint import RUN_DIRS, list_checkpoints, step_of
-from havoc_core.data import MANIFEST, prepare_pretrain
+from havoc_core.data import MANIFEST
 from havoc_core.docs_task import docs_items, docs_scores
 from havoc_core.errors import HavocError
 from havoc_core.metrics import read_metrics
 from havoc_core.model import HavocModel, load_model
+from havoc_core.prepare import prepare_pretrain
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 from havoc_core.train import run_training
 from havoc_core.train_config import TrainConfig
@@ -159,7 +160,7 @@ def build(plan: DemoPlan, started: float | None = None) -> Path:
     tok = HavocTokenizer.load(tok_dir)
     if not (shards / MANIFEST).is_file():
         _stage("tokenizing the corpus into uint32 shards")
-        prepare_pretrain(docs if docs is not None else builtin_documents(digest=True), tok, shards)
+        prepare_pretrain(docs if docs is not None else builtin_documents(digest=True), tok, shards, resume=True)
     train_seconds = max(0.0, budget * (1 - plan.reserve_share) - (time.perf_counter() - started))
 
     def pretrain(steps: int) -> TrainConfig:
