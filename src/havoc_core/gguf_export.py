@@ -5,10 +5,15 @@ The llama.cpp architecture is chosen from the config, never from a name, and eve
 hard-codes is compensated in the written weights or refused by field (docs/GGUF.md):
 - SwiGLU -> ``llama``: its rotary pairs adjacent channels (GPT-J "NORM" layout) where HAVOC pairs
   channel i with i + head_dim/2, so q/k rows are permuted per head (proved by parity tests).
+  Biases of q/k/v/o are written (llama.cpp reads them when present). ``llama`` asserts that the
+  rotary covers the whole head, so a partial ``attention.rotary_dim`` is refused.
 - GeGLU -> ``gemma``: it multiplies the embedding by sqrt(d_model) and always reads the output
   head from that same matrix, so the embedding is written divided by sqrt(d_model) and the final
-  norm's weight multiplied by it (exact). Its GELU is the tanh form read from an fp16 table where
-  HAVOC's is exact erf: no weight can compensate that, so the export says so.
+  norm's weight multiplied by it (exact). Its rotary is rotate-half (NEOX) over the first
+  ``rope.dimension_count`` channels with frequencies from that count, as HAVOC's partial rotary, so
+  any ``attention.rotary_dim`` works. It adds no attention-output bias: ``attention.bias`` is
+  refused. Its GELU is the tanh form read from an fp16 table where HAVOC's is exact erf: no weight
+  can compensate that, so the export says so.
 """
 
 from __future__ import annotations
@@ -55,14 +60,15 @@ def architecture(cfg: HavocConfig) -> str:
     a = cfg.attention
     if cfg.mlp.activation == "swiglu":
         if a.rotary_dim != a.head_dim:
-            raise HavocError(f"attention.rotary_dim: llama.cpp's llama rotates the whole head "
-                             f"(attention.head_dim = {a.head_dim}), found {a.rotary_dim}")
+            raise HavocError(f"attention.rotary_dim: llama.cpp's llama rotates the whole head and refuses to load "
+                             f"anything else; expected {a.head_dim} (attention.head_dim), found {a.rotary_dim}")
         return "llama"
     if not cfg.tie_word_embeddings:
         raise HavocError("tie_word_embeddings: llama.cpp's gemma (the GeGLU architecture) always reads the "
                          "output head from the embedding; expected true, found false")
     if a.bias:
-        raise HavocError("attention.bias: llama.cpp's gemma has no output-projection bias; expected false, found true")
+        raise HavocError("attention.bias: llama.cpp's gemma (the GeGLU architecture) never adds an attention-output "
+                         "bias; expected false, found true")
     return "gemma"
 
 
