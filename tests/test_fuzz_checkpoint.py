@@ -225,3 +225,34 @@ def test_inert_fields_are_really_inert(saved, tmp_path):
         cases.append((CONFIG_FILE, path, f"{path}={value}", json.dumps(tree).encode()))
     counts = run_cases(saved, tmp_path, iter(cases), keep_manifest=False, may_differ=lambda f, w: False)
     assert counts == {"identical": len(cases)}
+
+
+def test_inspect_verify_names_the_corrupt_file_and_tensor(saved, tmp_path):
+    """`havoc inspect --verify`: intact passes; one flipped bit inside a tensor is exit 2 with one line
+    naming the file and that tensor; without checksums.json, loading notes it once and verify refuses."""
+    import subprocess
+    import sys
+
+    ckpt = shutil.copytree(saved[0], tmp_path / "ckpt")
+    havoc = [sys.executable, "-m", "havoc_core.cli", "inspect", str(ckpt), "--verify"]
+    ok = subprocess.run(havoc, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "verified: every file listed" in ok.stdout, ok.stderr
+    blob = bytearray((ckpt / WEIGHTS_FILE).read_bytes())
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[len(header) // 2]
+    lo, hi = header[name]["data_offsets"]
+    blob[8 + n + (lo + hi) // 2] ^= 0x01
+    (ckpt / WEIGHTS_FILE).write_bytes(bytes(blob))
+    bad = subprocess.run(havoc, capture_output=True, text=True, timeout=60)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"{ckpt / WEIGHTS_FILE}: content hash differs" in lines[0] and lines[0].endswith(f"tensor {name}")
+    (ckpt / MANIFEST_FILE).unlink()
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from havoc_core.inference import load_for_inference;"
+                             "[load_for_inference(sys.argv[1]) for _ in range(2)]", str(ckpt)],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stderr.count(f"no {MANIFEST_FILE}") == 1 and "loaded unverified" in loaded.stderr
+    unverifiable = subprocess.run(havoc, capture_output=True, text=True, timeout=60)
+    assert unverifiable.returncode == 2 and "nothing to verify against" in unverifiable.stderr
