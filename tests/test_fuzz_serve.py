@@ -5,9 +5,11 @@ dropped connection. Random JSON schemas go through llguidance too."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
+from fuzzing import CASE_SECONDS, SEED
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -71,10 +73,21 @@ def _body(route: str) -> st.SearchStrategy[dict]:
 
 
 def fuzz(examples: int) -> settings:
-    """Seeded (a failure reproduces on the next run), no per-example deadline: the wait on a slow
-    machine is bounded by httpx's timeout instead."""
+    """Seeded (a failure reproduces on the next run); no hypothesis deadline (it would count the
+    test's own time): each request is bounded by ``post`` instead."""
     return settings(max_examples=examples, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def post(url: str, content: bytes | str, ctype: str = "application/json") -> httpx.Response:
+    """One request, answered within CASE_SECONDS or the case fails (a slow answer is a failure, not a wait)."""
+    t0 = time.monotonic()
+    try:
+        r = httpx.post(url, content=content, headers={"Content-Type": ctype}, timeout=CASE_SECONDS)
+    except httpx.TimeoutException:
+        pytest.fail(f"seed {SEED}: no answer in {CASE_SECONDS} s: {str(content)[:300]}")
+    assert time.monotonic() - t0 < CASE_SECONDS, f"seed {SEED}: took over {CASE_SECONDS} s: {str(content)[:300]}"
+    return r
 
 
 def _non_finite(content: str) -> bool:
@@ -96,7 +109,7 @@ def url(endless_checkpoint, serving):
 def test_any_body_is_answered_200_or_a_named_4xx(url, case):
     route, body = case
     body = {"model": MODEL, **body}
-    r = httpx.post(url + route, content=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=60)
+    r = post(url + route, json.dumps(body))
     event(f"{route} {r.status_code} " + (r.json()["error"]["message"].split(":")[0] if r.status_code != 200 else ""))
     assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300], body)
     if r.status_code != 200:
@@ -116,8 +129,7 @@ def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
     else:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     content = json.dumps(body)  # Infinity too: not JSON, a 400 for the whole body
-    r = httpx.post(url + "/v1/chat/completions", content=content, timeout=60,
-                   headers={"Content-Type": "application/json"})
+    r = post(url + "/v1/chat/completions", content)
     event(f"{'tools' if as_tool else 'response_format'} {r.status_code}")
     assert r.status_code in (200, 400), (r.status_code, r.text[:300], body)
     if r.status_code == 400:
@@ -145,6 +157,6 @@ def test_any_schema_is_enforced_or_refused_by_name(url, schema, as_tool):
 ])
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
 def test_hostile_bytes_are_refused_in_one_line(url, route, content, ctype, status):
-    r = httpx.post(url + route, content=content, headers={"Content-Type": ctype}, timeout=60)
+    r = post(url + route, content, ctype)
     assert r.status_code == status, (r.status_code, r.text[:200])
     assert r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]

@@ -174,3 +174,36 @@ def test_an_interrupted_prepare_resumes_byte_identical(tmp_path, docs, tok, how)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr and "0 documents already done" not in resumed.stderr
     assert digest(out) == digest(tmp_path / "ref") and not partial.exists()
+
+
+def children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(k) for k in (task / "children").read_text().split()}
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_workers_exit_when_the_main_process_is_killed(tmp_path, docs, tok):
+    """`kill` of the main process alone (not its group): its tokenizing workers must not linger."""
+    big_corpus(tmp_path / "c", docs, copies=40)
+    proc = subprocess.Popen([*HAVOC, "prepare", str(tmp_path / "c"), "--tokenizer", str(tok_dir(tmp_path, tok)),
+                             "--out", str(tmp_path / "o"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # two workers and multiprocessing's resource tracker
+        assert proc.poll() is None and len(workers) >= 3, "finished before it could be killed"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [w for w in workers if Path(f"/proc/{w}/status").exists()
+                 and "zombie" not in Path(f"/proc/{w}/status").read_text()]
+        assert not alive, f"workers still running 15 s after their main process was killed: {alive}"
+    finally:
+        for w in children(proc.pid) if proc.poll() is None else ():
+            os.kill(w, signal.SIGKILL)
+        proc.kill()

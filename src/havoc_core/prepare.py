@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -113,11 +114,21 @@ class _ShardWriter:
 _worker_tokenizer: HavocTokenizer | None = None
 
 
-def _start_worker(tok: HavocTokenizer) -> None:
+def _start_worker(tok: HavocTokenizer, parent: int) -> None:
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle, once
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: the processes are the parallelism
     _worker_tokenizer = tok
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose main process ``parent`` was killed (``kill``, ``kill -9``) would wait forever
+    on its queue: it exits as soon as it is re-parented (``parent`` is passed in, not read here:
+    the main process may already be gone when a worker starts)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode(texts: list[str], tok: HavocTokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -335,7 +346,7 @@ def _pool(workers: int, tokenizer: HavocTokenizer) -> Any:
     if workers == 1:
         return contextlib.nullcontext()
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                               initargs=(tokenizer,))
+                               initargs=(tokenizer, os.getpid()))
 
 
 def _total_bytes(paths: list[str] | None) -> int | None:
