@@ -3,8 +3,11 @@ files vs HAVOC's engine on the same checkpoint, same threads, in one process, in
 
 For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-token prompt (the
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
-512-token prefill. llama.cpp runs BF16 and Q8_0 files (F16 too with ``--f16``); HAVOC runs bf16
-and int8 weights (its decode path: bf16 activations, fbgemm int8). Ratios are HAVOC / llama.cpp.
+512-token prefill. llama.cpp runs BF16, Q8_0 and Q4_0 files (F16 too with ``--f16``); HAVOC runs
+bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 (bf16 activations, ATen's int4pack
+kernel) weights. Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
+hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
+in a child process finds out), every llama.cpp run is made without it and the results say so.
 
     python bench/llamacpp.py [--presets havoc-small havoc-2b] [--tokens 32] [--repeat 2] [--threads 2]
 Results also go to bench/results/llamacpp.json. (Not named gguf.py: a script there would shadow the
@@ -17,6 +20,8 @@ import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,18 +69,49 @@ def rates(runs: dict, tokens: int, repeat: int) -> dict[str, float]:
     return {name: (tokens - 1) / max(long[name] - short[name], 1e-9) for name in runs}
 
 
+PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)
+llm.eval(list(range(1, 17)))
+"""
+
+
+def repack_works(gguf: Path) -> bool:
+    """Whether llama.cpp survives a prefill of a quantized file with its repacked weights (a child
+    process: a crash there is an answer, not the end of the benchmark)."""
+    return subprocess.run([sys.executable, "-c", PROBE, str(gguf)], capture_output=True, timeout=300).returncode == 0
+
+
+def no_repack() -> None:
+    """Every llama.cpp model from here on uses the weights as written (``llama-cli --no-repack``)."""
+    from llama_cpp import llama_cpp as c_api
+
+    default = c_api.llama_model_default_params
+
+    def params() -> c_api.llama_model_params:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    c_api.llama_model_default_params = params
+
+
 def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     model = build(preset, torch.bfloat16)
     cfg = model.config
     tok = HavocTokenizer.train(builtin_documents(), vocab_size=cfg.vocab_size, show_progress=False)
     ckpt = save_model(tmp / preset, model, tokenizer=tok)
-    kinds = ["bf16", "q8_0", *(["f16"] if args.f16 else [])]
+    kinds = ["bf16", "q8_0", "q4_0", *(["f16"] if args.f16 else [])]
     files = {k: export_gguf(ckpt, tmp / f"{preset}-{k}.gguf", k) for k in kinds}
+    repack = repack_works(files["q8_0"]) and repack_works(files["q4_0"])
+    if not repack:
+        no_repack()
     llms = {k: llama_cpp.Llama(model_path=str(f), n_ctx=PREFILL_LEN + 64, n_batch=PREFILL_LEN,
                                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
             for k, f in files.items()}
     int8 = prepare_model(copy.deepcopy(model).float(), torch.float32, "int8")  # before `model` is prepared in place
-    havoc = {"bf16": prepare_model(model, torch.bfloat16), "int8": int8}
+    int4 = prepare_model(copy.deepcopy(model), torch.bfloat16, "int4")
+    havoc = {"bf16": prepare_model(model, torch.bfloat16), "int8": int8, "int4": int4}
     prompt = prompts(1, PROMPT_LEN, cfg.vocab_size)
     runs = {f"llama.cpp {k.upper()}": (lambda n, llm=llm: llama_decode(llm, prompt[0].tolist(), n))
             for k, llm in llms.items()}
@@ -87,8 +123,9 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     prefill |= {f"HAVOC {k}": havoc_prefill(m, long_prompt, args.prefill_repeat) for k, m in havoc.items()}
     for llm in llms.values():
         llm.close()
-    pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0")]
-    return {"params": cfg.num_parameters(), "decode_tokens_per_s": decode, "prefill_512_s": prefill,
+    pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0"), ("HAVOC int4", "llama.cpp Q4_0")]
+    return {"params": cfg.num_parameters(), "llama_cpp_repack": repack,
+            "decode_tokens_per_s": decode, "prefill_512_s": prefill,
             "decode_ratio": {f"{a} / {b}": decode[a] / decode[b] for a, b in pairs},
             "prefill_speed_ratio": {f"{a} / {b}": prefill[b] / prefill[a] for a, b in pairs},
             "gguf_mib": {k: f.stat().st_size / 2**20 for k, f in files.items()}}
@@ -118,6 +155,7 @@ def main() -> None:
             for pair, ratio in r["decode_ratio"].items():
                 print(f"  decode  {pair}: {ratio:.2f}x   prefill speed: {r['prefill_speed_ratio'][pair]:.2f}x")
     out = Path(__file__).parent / "results" / "llamacpp.json"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
 

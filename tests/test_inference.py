@@ -17,11 +17,14 @@ ATOL = 1e-4
 
 
 @pytest.mark.parametrize("dtype,quantize,min_cos", [(torch.bfloat16, None, 0.995), (torch.float32, "int8", 0.95),
-                                                     (torch.bfloat16, "int8", 0.95)])
+                                                     (torch.bfloat16, "int8", 0.95),
+                                                     (torch.bfloat16, "int4", 0.6)])
 def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos, reference_greedy, prompt_ids):
     """Same tokens through both (teacher forcing): an fp32 prefill, then single-token decode steps
-    in the stored dtype (int8: fbgemm's kernel). The int8 bound is loose because this random
-    model's large weights amplify rounding; bench/decode.py reports the loss change of a trained one."""
+    in the stored dtype (int8: fbgemm's kernel). The int8 and int4 bounds are loose because this
+    random model's large weights (init 0.3) amplify rounding (int4 measured 0.68 at worst, 0.93
+    typical); ``test_int4_layer_is_its_group_quantized_weight`` checks the int4 arithmetic exactly
+    and bench/decode.py reports the loss change of a trained model."""
     fast = prepare_model(copy.deepcopy(model), dtype, quantize)
     assert fast.embed.weight.dtype == dtype
     ids = prompt_ids(PROMPTS[3])
@@ -33,6 +36,27 @@ def test_bf16_and_int8_weights_track_fp32(model, tok, dtype, quantize, min_cos, 
         got += [fast(torch.tensor([[t]]), cache=cache.view([0], [p]))[0] for p, t in enumerate(ids[5:], start=5)]
     cos = torch.nn.functional.cosine_similarity(torch.cat(got).float(), ref, dim=-1)
     assert cos.min() > min_cos
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int4_layer_is_its_group_quantized_weight(rows):
+    """An int4 layer computes x @ W4.T + b for W4 the weight rounded to 16 levels per group of 32
+    inputs (from each group's min and max): checked against that rounding written out here, so a
+    wrong scale, zero or packing layout fails; a matrix whose inputs are no whole number of groups
+    is stored int8 instead."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 64)
+    layer = InferenceLinear(w, b, "int4", torch.bfloat16)
+    g = w.view(96, 2, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    w4 = (((g - lo) / step).round() * step + lo).view(96, 64)
+    expected = x.bfloat16().float() @ w4.t() + b
+    got = layer(x.bfloat16()).float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got - (x @ w.t() + b)).abs().max() > (got - expected).abs().max()  # really 4-bit, not the weight
+    odd = InferenceLinear(torch.randn(8, 48), None, "int4", torch.bfloat16)
+    assert odd.int4 is None and odd.weight.dtype == torch.int8
 
 
 def test_prepared_fp32_model_fuses_projections_and_matches(model, tok, prompt_ids):

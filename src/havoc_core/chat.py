@@ -329,7 +329,8 @@ def run_smoke(checkpoint: str | Path | None = None, *, device: str = "auto", dty
     Exit status 0 only if loading and every generation worked."""
     _utf8_console()
     loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
-    print(f"loaded {loaded.path} ({format_params(loaded.n_params)} parameters) in {loaded.seconds:.1f} s")
+    print(f"loaded {loaded.path} ({format_params(loaded.n_params)} parameters) in {loaded.seconds:.1f} s; "
+          f"{loaded.plan.describe()}")
     session = ChatSession(loaded.model, loaded.tokenizer, params=params or SMOKE_DEFAULTS)
     failed = 0
     for q in SMOKE_PROMPTS:

@@ -213,7 +213,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantisation (faster CPU decode)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per row) or int4 (groups of 32) weights: "
+                   "faster CPU decode, slightly other logits")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, defaults: Any) -> None:

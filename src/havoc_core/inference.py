@@ -22,14 +22,15 @@ from havoc_core.checkpoint import find_checkpoint, load_config, resolve_checkpoi
 from havoc_core.errors import HavocError
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
-from havoc_core.precision import InferencePlan, Quantize, cpu_has_native_bf16, plan_inference
+from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
 
 class InferenceLinear(nn.Module):
-    """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, or int8 with one
-    scale per output row. It computes in the activations' dtype: a prefill upcasts (dequantises)
-    the weight on the fly, a decode step reads the stored bytes once.
+    """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, int8 with one
+    scale per output row, or int4 in groups of ``INT4_GROUP`` inputs with a scale and a zero each.
+    It computes in the activations' dtype: a prefill upcasts (dequantises) the weight on the fly, a
+    decode step reads the stored bytes once.
 
     Kernels on CPU, by what measured fastest here (docs/LOG.md):
     - one row of half-precision activations: ``F.linear``, which the engine runs on ATen's own
@@ -41,18 +42,23 @@ class InferenceLinear(nn.Module):
       blocked layout."""
 
     DECODE_ROWS = 16  # up to this many rows (a decode step of a batch) take the int8 kernel
+    INT4_GROUP = 32  # inputs sharing one int4 scale and zero (as llama.cpp's Q4_0 blocks)
 
     def __init__(self, weight: Tensor, bias: Tensor | None, quantize: Quantize | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dtype = dtype or weight.dtype
         scale = None
-        if quantize == "int8":
+        self.int4: tuple[Tensor, Tensor] | None = None  # (packed weight, scales and zeros) for int4
+        if quantize == "int4" and weight.shape[1] % self.INT4_GROUP == 0:
+            self.int4 = _int4_pack(weight.detach(), self.INT4_GROUP)
+            weight = torch.empty(0, dtype=dtype, device=weight.device)
+        elif quantize in ("int8", "int4"):  # int4 needs whole groups: such a matrix is int8 instead
             w = weight.detach().float()
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         # buffers, so that model.to(device) moves them
-        self.register_buffer("weight", weight.detach() if quantize else weight.detach().to(dtype))
+        self.register_buffer("weight", weight.detach() if scale is not None else weight.detach().to(dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self._fbgemm: Any = None  # fbgemm's layout of an int8 weight, made on first CPU use
@@ -67,7 +73,7 @@ class InferenceLinear(nn.Module):
         The copy is dropped by ``.to()`` and copies of the module, and made again if the weight
         is edited in place."""
         w = self.weight
-        if self._onednn is not None or self.scale is not None or w.device.type != "cpu":
+        if self._onednn is not None or self.scale is not None or self.int4 is not None or w.device.type != "cpu":
             return
         if not (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_has_native_bf16())):
             return
@@ -83,7 +89,12 @@ class InferenceLinear(nn.Module):
         if self._onednn_version is not None and _version(self.weight) != self._onednn_version:
             self._onednn = None  # edited in place since it was packed
             self.pack()
-        return self._onednn is not None and (x.dtype == torch.float32 or x.numel() > x.shape[-1])
+        # one half-precision row: ATen's kernel where the engine turned oneDNN off for it
+        # (``engine.single_row_kernels``), else the packed one, as for several rows: the plain oneDNN
+        # call rounds some rows differently (havoc-tiny's o_proj: 8 in 6,000), and a seeded request
+        # must get the same tokens alone or batched
+        return self._onednn is not None and (x.dtype == torch.float32 or x.numel() > x.shape[-1]
+                                             or torch.backends.mkldnn.enabled)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), ...: the layouts are of the old tensors
         self._onednn, self._fbgemm = None, None
@@ -93,6 +104,8 @@ class InferenceLinear(nn.Module):
         return {**super().__getstate__(), "_onednn": None, "_fbgemm": None}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int4 is not None:
+            return self._int4(x)
         if self.scale is not None:
             return self._int8(x)
         if self.weight.dtype != x.dtype:  # e.g. an fp32 prefill of bf16 weights
@@ -106,6 +119,14 @@ class InferenceLinear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._fbgemm, True)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _int4(self, x: Tensor) -> Tensor:
+        """ATen's int4 kernel on bf16 activations (on fp32 ones it measured several times slower)."""
+        packed, scales_zeros = self.int4  # type: ignore[misc]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.INT4_GROUP, scales_zeros)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _fbgemm_ready(self) -> bool:
@@ -135,6 +156,19 @@ class CastRMSNorm(nn.RMSNorm):
         return h if self.weight is None else h * self.weight.to(x.dtype)
 
 
+def _int4_pack(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """``weight`` [out, in] as asymmetric 4-bit codes per group of ``group`` inputs, in the layout of
+    ATen's CPU int4 kernel: codes q in 0..15 stand for (q - 8) x scale + zero, with scale and zero
+    (bf16, [in / group, out, 2]) from each group's min and max."""
+    w = weight.float().view(weight.shape[0], -1, group)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    codes = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).view(weight.shape)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_zeros = torch.stack([scale, lo + 8 * scale], -1).squeeze(-2).transpose(0, 1).contiguous()
+    return packed, scales_zeros.to(torch.bfloat16)
+
+
 def _version(t: Tensor) -> int | None:
     """A tensor's in-place version counter (None for inference tensors, which have none)."""
     try:
@@ -149,8 +183,8 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     and output matrices optionally int8, q/k/v and gate/up fused, and with ``pack`` a oneDNN copy
     of the float matrices (``InferenceLinear.pack``). Its activations may then run in any dtype."""
     dtype = dtype or model.embed.weight.dtype
-    if quantize not in (None, "int8"):
-        raise HavocError(f"quantize: expected int8 or nothing, found {quantize!r}")
+    if quantize not in (None, *QUANTIZE):
+        raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
     model.eval().requires_grad_(False).to(dtype)
     for module in list(model.modules()):
         if isinstance(module, (Attention, GatedMLP)):
@@ -158,7 +192,8 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
         if isinstance(module, nn.RMSNorm):
             module.__class__ = CastRMSNorm
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) or (isinstance(child, InferenceLinear) and child.scale is None):
+            if isinstance(child, nn.Linear) or (isinstance(child, InferenceLinear) and child.scale is None
+                                                and child.int4 is None):
                 setattr(module, name, InferenceLinear(child.weight, child.bias, quantize, dtype))
     if model.lm_head is None:  # tied: shares the embedding's storage, or an int8 copy
         model.lm_head = InferenceLinear(model.embed.weight, None, quantize, dtype)

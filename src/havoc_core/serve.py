@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -329,8 +330,9 @@ def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port
     shown = f"[{host}]" if ":" in host else host
     n = torch.get_num_threads()
     packed = is_packed(loaded.model)
+    plan = dataclasses.replace(loaded.plan, pack=False).describe()  # (what was packed is said from the model)
     print(f"serving {name} ({format_params(loaded.n_params)} parameters, {max_batch} slots, {n} torch "
-          f"thread{'s' * (n > 1)}{', prepacked weights' * packed}) at "
+          f"thread{'s' * (n > 1)}, {plan}{', prepacked weights' * packed}) at "
           f"http://{shown}:{sock.getsockname()[1]}  (chat page at /, OpenAI API at /v1)", flush=True)
     if not is_loopback(host) and not api_key:
         print("warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
