@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from havoc_core import HavocError
+from havoc_core import HavocError, prepare
 from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.data import MANIFEST, open_split
 from havoc_core.prepare import prepare_pretrain
@@ -66,7 +66,10 @@ def test_every_format_reads_back_in_order(tmp_path, docs):
     assert list(read_documents([tmp_path / "c"])) == expected
 
 
-def test_workers_1_2_3_write_the_same_bytes_and_dedup_counts(tmp_path, docs, tok):
+def test_workers_1_2_3_write_the_same_bytes_and_dedup_counts(tmp_path, docs, tok, monkeypatch):
+    # batches of 16 documents, the pool started after the first: ~17 batches, most through the processes
+    monkeypatch.setattr(prepare, "BATCH_DOCS", 16)
+    monkeypatch.setattr(prepare._Workers, "IN_PROCESS_BATCHES", 1)
     corpus = write_corpus(tmp_path / "c", docs + docs[:30])  # 30 exact duplicates ...
     variant = "  " + docs[0].upper() + " \n"  # ... and one that differs only in case and whitespace
     (tmp_path / "c" / "f_case.jsonl").write_text(json.dumps({"text": variant}) + "\n")

@@ -14,7 +14,6 @@ and goes on. Done, the directory is renamed to ``OUT`` (the format is in ``data.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -235,7 +234,7 @@ def prepare_pretrain(sources: Iterable[str] | Iterable[os.PathLike], tokenizer: 
     total = _total_bytes(names)
     try:
         with tqdm(total=total, desc="tokenizing", unit="B" if total else " docs", unit_scale=bool(total),
-                  disable=not show_progress, file=sys.stderr) as bar, _pool(workers, tokenizer) as pool:
+                  disable=not show_progress, file=sys.stderr) as bar, _Workers(workers, tokenizer) as pool:
             docs = _documents(sources, skip_invalid, skipped, text_key, bar)
             run.tokenize(_batches(docs, run.consumed, set() if dedup else None, run.counts), pool, workers, bar,
                          count_docs=total is None)
@@ -279,16 +278,14 @@ class _Run:
                  "splits": {split: w.summary() for split, w in self.writers.items()}}
         write_atomic(self.partial / PROGRESS, json.dumps(state))
 
-    def tokenize(self, batches: Iterator[Batch], pool: ProcessPoolExecutor | None, workers: int, bar: tqdm,
-                 count_docs: bool) -> None:
+    def tokenize(self, batches: Iterator[Batch], pool: _Workers, workers: int, bar: tqdm, count_docs: bool) -> None:
         bos, eos = np.asarray([self.tokenizer.bos_id], DTYPE), np.asarray([self.tokenizer.eos_id], DTYPE)
         max_tokens, val_fraction = self.options["max_tokens"], self.options["val_fraction"]
         pending: deque[tuple[Future, int]] = deque()
         started, stop = time.perf_counter(), False
         while not stop:
             for texts, position in itertools.islice(batches, 2 * workers - len(pending)):
-                future = _Done(_encode(texts, self.tokenizer)) if pool is None else pool.submit(_encode, texts)
-                pending.append((future, position))
+                pending.append((pool.submit(texts), position))
             if not pending:
                 return
             future, position = pending.popleft()
@@ -308,8 +305,6 @@ class _Run:
                 bar.update(len(lengths))
             bar.set_postfix(docs=f"{position:,}", tokens=f"{self.tokens:,}",
                             tok_s=f"{self.tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
     def finish(self, name: str, skipped: list[str]) -> dict[str, Any]:
         """Place the last document, write tokenizer and manifest; the manifest."""
@@ -340,13 +335,35 @@ class _Run:
         return manifest
 
 
-def _pool(workers: int, tokenizer: HavocTokenizer) -> Any:
-    """``workers`` fresh processes (spawned: nothing of this process's threads is inherited), or
-    none for one worker: the batches are encoded here, by the tokenizer's own threads."""
-    if workers == 1:
-        return contextlib.nullcontext()
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                               initargs=(tokenizer, os.getpid()))
+class _Workers:
+    """The tokenizing processes (spawned: nothing of this process's threads is inherited), started
+    only once a corpus proves big enough to pay for them: starting one imports the package and
+    torch (~1-2 s), so the first ``IN_PROCESS_BATCHES`` batches, and everything with one worker,
+    are encoded here by the tokenizer's own threads. Which process encodes a batch never changes
+    the output."""
+
+    IN_PROCESS_BATCHES = 8
+
+    def __init__(self, workers: int, tokenizer: HavocTokenizer) -> None:
+        self.workers, self.tokenizer = workers, tokenizer
+        self.pool: ProcessPoolExecutor | None = None
+        self.batches = 0
+
+    def submit(self, texts: list[str]) -> Future:
+        self.batches += 1
+        if self.workers == 1 or self.batches <= self.IN_PROCESS_BATCHES:
+            return _Done(_encode(texts, self.tokenizer))
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                                            initargs=(self.tokenizer, os.getpid()))
+        return self.pool.submit(_encode, texts)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _total_bytes(paths: list[str] | None) -> int | None:
