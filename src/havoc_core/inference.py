@@ -25,6 +25,8 @@ from havoc_core.model import HavocModel, load_model
 from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
+INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 ranges tried per group (clipping outliers can pay)
+
 
 class InferenceLinear(nn.Module):
     """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, int8 with one
@@ -158,15 +160,28 @@ class CastRMSNorm(nn.RMSNorm):
 
 def _int4_pack(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
     """``weight`` [out, in] as asymmetric 4-bit codes per group of ``group`` inputs, in the layout of
-    ATen's CPU int4 kernel: codes q in 0..15 stand for (q - 8) x scale + zero, with scale and zero
-    (bf16, [in / group, out, 2]) from each group's min and max."""
+    ATen's CPU int4 kernel: codes q in 0..15 stand for (q - 8) x scale + zero, scale and zero in
+    bf16 ([in / group, out, 2]; the kernel reads them in the activations' dtype). Each group's
+    range is its min..max shrunk by the factor (of ``INT4_SHRINK``) with the least squared error,
+    and the codes are rounded against the bf16 scale and zero actually used."""
     w = weight.float().view(weight.shape[0], -1, group)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    codes = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).view(weight.shape)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scales_zeros = torch.stack([scale, lo + 8 * scale], -1).squeeze(-2).transpose(0, 1).contiguous()
-    return packed, scales_zeros.to(torch.bfloat16)
+    best: tuple[Tensor, Tensor, Tensor] | None = None
+    for shrink in INT4_SHRINK:
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * shrink
+        scale = (2 * half / 15).clamp(min=1e-8).bfloat16().float()
+        zero = (mid - half + 8 * scale).bfloat16().float()
+        codes = ((w - zero) / scale + 8).round().clamp(0, 15)
+        error = ((codes - 8) * scale + zero - w).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best = (error, codes, torch.cat([scale, zero], -1))
+        else:
+            better = error < best[0]
+            best = (torch.where(better, error, best[0]), torch.where(better, codes, best[1]),
+                    torch.where(better, torch.cat([scale, zero], -1), best[2]))
+    _, codes, scales_zeros = best  # type: ignore[misc]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).view(weight.shape), 1)
+    return packed, scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def _version(t: Tensor) -> int | None:
@@ -186,6 +201,9 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     if quantize not in (None, *QUANTIZE):
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
     model.eval().requires_grad_(False).to(dtype)
+    # the output head stays int8 under int4 (as llama.cpp keeps it at 6-8 bits in its 4-bit files): on
+    # the demo model an int4 head alone moved perplexity by ~2% (docs/LOG.md)
+    head_quantize: Quantize | None = "int8" if quantize == "int4" else quantize
     for module in list(model.modules()):
         if isinstance(module, (Attention, GatedMLP)):
             module.fuse_projections()  # fewer ops per decode step: +8% tokens/s on havoc-tiny bf16
@@ -194,9 +212,11 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) or (isinstance(child, InferenceLinear) and child.scale is None
                                                 and child.int4 is None):
-                setattr(module, name, InferenceLinear(child.weight, child.bias, quantize, dtype))
-    if model.lm_head is None:  # tied: shares the embedding's storage, or an int8 copy
-        model.lm_head = InferenceLinear(model.embed.weight, None, quantize, dtype)
+                head = module is model and name == "lm_head"
+                setattr(module, name, InferenceLinear(child.weight, child.bias, head_quantize if head else quantize,
+                                                      dtype))
+    if model.lm_head is None:  # tied: shares the embedding's storage, or a quantized copy
+        model.lm_head = InferenceLinear(model.embed.weight, None, head_quantize, dtype)
     if pack:
         for module in model.modules():
             if isinstance(module, InferenceLinear):
