@@ -60,7 +60,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class LayerCache(Protocol):
-    """One layer's share of a KV cache during one forward pass (``kv_cache.LayerView``)."""
+    """One layer's share of a KV cache during one forward pass (``kv_cache.LayerView``). ``runs``:
+    for rows at different positions or lengths, (first row, end row, cached tokens, new tokens,
+    mask) of each run of alike rows, attended as a pass of those rows alone would be; else None."""
+
+    runs: list[tuple[int, int, int, int, Tensor | None]] | None
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
@@ -108,6 +112,29 @@ class Attention(nn.Module):
             v = v.view(B, T, Hkv, D).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
+        # Inference on CPU attends in fp32: a bf16 kernel's result for a query depends on the queries
+        # and keys beside it in the call, so a prompt prefilled whole or after a cached prefix
+        # differed (76 of 577 splits of havoc-tiny prompts; in fp32 none), and with it a seeded reply
+        up = cache is not None and q.dtype != torch.float32 and q.device.type == "cpu"
+        if cache is not None and cache.runs is not None:
+            # Each run of rows over exactly its own keys and queries, as alone: one call over the
+            # longest row, the others' padding masked, rounds differently, so a seeded request's
+            # tokens depended on the requests beside it (`havoc serve` in bf16, 32 slots: 59% of 256
+            # seeded replies). Padding queries get zeros (their outputs are never read).
+            parts = []
+            for b, e, s, n, m in cache.runs:
+                y = self._attend(q[b:e, :, :n], k[b:e, :, : s + n], v[b:e, :, : s + n], m, n, up)
+                parts.append(y if n == T else F.pad(y, (0, 0, 0, T - n)))
+            y = torch.cat(parts)
+        else:
+            y = self._attend(q, k, v, mask, T, up)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, T: int, fp32: bool = False) -> Tensor:
+        if fp32:
+            return self._attend(q.float(), k.float(), v.float(), mask, T).to(q.dtype)
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
         groups = H // Hkv
         dropout = self.dropout if self.training else 0.0
         if T == 1 and groups > 1 and (mask is None or mask.shape[1] == 1):
@@ -121,4 +148,4 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                dropout_p=dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return y

@@ -392,7 +392,7 @@ class Engine:
             idx[r, : len(rows[i][1])] = torch.tensor(rows[i][1])
         last = torch.tensor([len(rows[i][1]) - 1 for i in order], device=self.device)
         view = self.cache.view([rows[i][0] for i in order], [rows[i][2] for i in order], logits_at=last,
-                               dtype=self.prefill_dtype)
+                               dtype=self.prefill_dtype, lengths=[len(rows[i][1]) for i in order])
         logits = self.model(idx.to(self.device), cache=view)
         out = torch.empty_like(logits[:, 0])
         out[torch.tensor(order, device=self.device)] = logits[:, 0]
@@ -404,19 +404,19 @@ class Engine:
         position. Only the running rows are computed: a contiguous run of slots is a view of the
         cache, scattered slots gather their rows (positions up to the longest)."""
         idx = torch.tensor([s.pending for s in states], device=self.device)[:, None]
-        with single_row_kernels(self.model, len(running)):
+        with single_row_kernels(self.model, len(self.slots)):
             logits = self._decode(idx, cache=self.cache.view(running, [len(s.tokens) for s in states]))
         return logits[:, -1].float().cpu()
 
 
 def single_row_kernels(model: HavocModel, rows: int) -> AbstractContextManager[Any]:
-    """The backend for one decode step. A single row of half-precision weights on CPU is a
-    matrix-vector product, and ATen's kernel for it beats oneDNN's, which every bf16 matmul takes
-    while oneDNN is on: 1.2-2.5x on the matrices of havoc-tiny and havoc-small (docs/LOG.md), a
-    third of a whole havoc-tiny decode step. No call reaches ATen's kernel with oneDNN on (``mv``,
-    ``mm`` and ``linear`` all check the same switch), so such a step runs with the switch off and
-    restores it when the step ends (``torch.backends.mkldnn.flags`` would do the same but warns
-    about TF32 on every call). Batched steps and fp32 keep oneDNN (2-4x faster for several rows)."""
+    """The decode backend of an engine of ``rows`` slots. One row of half-precision weights on CPU
+    is a matrix-vector product, and ATen's kernel for it beats oneDNN's (every bf16 matmul's while
+    oneDNN is on): 1.2-2.5x on havoc-tiny's and havoc-small's matrices (docs/LOG.md), a third of a
+    havoc-tiny step. ``mv``, ``mm`` and ``linear`` check one switch, so a step runs with it off
+    (``torch.backends.mkldnn.flags`` warns about TF32 on every call). Batching engines and fp32 keep
+    oneDNN (2-4x faster for several rows), for one row too: ATen's kernel rounds differently, and a
+    seeded request must get the same tokens alone or batched."""
     w = model.embed.weight
     if rows == 1 and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
         return _onednn_off()
