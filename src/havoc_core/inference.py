@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from havoc_core import integrity
 from havoc_core.attention import Attention
-from havoc_core.checkpoint import find_checkpoint, load_config, resolve_checkpoint
+from havoc_core.checkpoint import OPTIMIZER_FILE, find_checkpoint, load_config, resolve_checkpoint
 from havoc_core.errors import HavocError
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
@@ -237,10 +239,20 @@ def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dt
     if not (ckpt / TOKENIZER_FILE).is_file():
         raise HavocError(f"{ckpt}: no {TOKENIZER_FILE} in this checkpoint (chat needs one; store it with "
                          f"`havoc init --tokenizer` or train with `havoc pretrain` / `havoc sft`)")
-    tokenizer = HavocTokenizer.load(ckpt)
-    model = load_model(ckpt, device=device)
-    tokenizer.check_compatible(model.config)
-    prepare_model(model, dtype, quantize, pack=pack)
+    # checksums.json is verified in a thread while the model is built and prepared (xxhash releases
+    # the GIL): on havoc-2b the hash pass was 7% of the load in sequence; nothing is returned before
+    # its verdict, and a refusal of the bytes wins over any error their contents caused
+    with ThreadPoolExecutor(1) as pool:
+        verdict = pool.submit(integrity.verify, ckpt, skip=(OPTIMIZER_FILE,))
+        try:
+            tokenizer = HavocTokenizer.load(ckpt)
+            model = load_model(ckpt, device=device, check_hashes=False)
+            tokenizer.check_compatible(model.config)
+            prepare_model(model, dtype, quantize, pack=pack)
+        except BaseException:
+            verdict.result()  # corrupted bytes: say that, not what they broke
+            raise
+        verdict.result()
     return model, tokenizer
 
 

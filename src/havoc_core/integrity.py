@@ -4,8 +4,9 @@ safetensors carries no checksum, so one flipped bit in a weight would load silen
 logits; a hash is the only way to tell. ``checksums.json`` holds the xxh3-128 of every file the
 checkpoint was saved with and, for the weights, of every tensor's bytes and of the header, so a
 mismatch names the file and the tensor. xxh3 is among the fastest non-cryptographic hashes: 0.3 s
-for havoc-2b's 4 GB, ~7% of loading and preparing it (docs/RELIABILITY.md). A checkpoint without the file (older, imported by hand) loads with
-a one-line note; ``optimizer.pt`` is only checked by ``havoc inspect --verify`` and on resume.
+for havoc-2b's 4 GB, hidden behind preparing the model by ``inference.load_for_inference``, which
+verifies in a thread (docs/RELIABILITY.md). A checkpoint without the file (older, imported by
+hand) loads with a one-line note; ``optimizer.pt`` is only checked by ``havoc inspect --verify`` and on resume.
 """
 
 from __future__ import annotations

@@ -132,12 +132,14 @@ class HavocModel(nn.Module):
         return load_model(path, device=device, dtype=dtype)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HavocModel:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               check_hashes: bool = True) -> HavocModel:
     """Build the model from the checkpoint's own config.json (nothing from defaults) and load it;
-    every name and shape is checked against the config before anything is allocated."""
+    every name and shape is checked against the config before anything is allocated, then every
+    byte against checksums.json (unless ``check_hashes`` is false: the caller verifies)."""
     ckpt = find_checkpoint(path)
     cfg = HavocConfig.load(ckpt / CONFIG_FILE)
-    state = load_weights(ckpt, cfg, device)
+    state = load_weights(ckpt, cfg, device, check_hashes=check_hashes)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
