@@ -240,8 +240,9 @@ def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dt
         raise HavocError(f"{ckpt}: no {TOKENIZER_FILE} in this checkpoint (chat needs one; store it with "
                          f"`havoc init --tokenizer` or train with `havoc pretrain` / `havoc sft`)")
     # checksums.json is verified in a thread while the model is built and prepared (xxhash releases
-    # the GIL): on havoc-2b the hash pass was 7% of the load in sequence; nothing is returned before
-    # its verdict, and a refusal of the bytes wins over any error their contents caused
+    # the GIL): on havoc-2b the hash pass was 7% of the load in sequence. Nothing is returned before
+    # its verdict; a named error of the structure checks comes first (as when they ran before the
+    # hashes), while any other failure gives way to a refusal of the bytes that caused it
     with ThreadPoolExecutor(1) as pool:
         verdict = pool.submit(integrity.verify, ckpt, skip=(OPTIMIZER_FILE,))
         try:
@@ -249,8 +250,10 @@ def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dt
             model = load_model(ckpt, device=device, check_hashes=False)
             tokenizer.check_compatible(model.config)
             prepare_model(model, dtype, quantize, pack=pack)
+        except HavocError:
+            raise
         except BaseException:
-            verdict.result()  # corrupted bytes: say that, not what they broke
+            verdict.result()
             raise
         verdict.result()
     return model, tokenizer
