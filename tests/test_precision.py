@@ -46,7 +46,7 @@ def test_training_dtype_follows_the_hardware(native_bf16):
 
 def test_the_plan_says_what_it_chose(native_bf16):
     line = plan_inference(5_000_000, device="cpu", quantize="int8", batching=True).describe()
-    assert line == "cpu: weights int8 (fbgemm), prefill fp32, batched steps on oneDNN-packed weights"
+    assert line == "cpu: weights int8 (fbgemm), prefill fp32, prepacked weights (oneDNN)"
     assert "weights bf16, prefill " + ("bf16" if native_bf16 else "fp32") in plan_inference(
         2_000_000_000, device="cpu").describe()
 

@@ -200,12 +200,12 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path, docs, tok):
         assert proc.poll() is None and len(workers) >= 3, "finished before it could be killed"
         proc.kill()
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a worker may still be importing torch on a slow machine
         while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         alive = [w for w in workers if Path(f"/proc/{w}/status").exists()
                  and "zombie" not in Path(f"/proc/{w}/status").read_text()]
-        assert not alive, f"workers still running 15 s after their main process was killed: {alive}"
+        assert not alive, f"workers still running 60 s after their main process was killed: {alive}"
     finally:
         for w in children(proc.pid) if proc.poll() is None else ():
             os.kill(w, signal.SIGKILL)

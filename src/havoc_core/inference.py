@@ -7,6 +7,7 @@ the fly, a decode step reads each stored weight once, in the stored dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -279,4 +280,5 @@ def load(checkpoint: str | Path | None, *, device: str = "auto", dtype: str = "a
     plan = plan_inference(n_params, device=device, dtype=dtype, quantize=quantize, batching=batching, pack=pack)
     model, tok = load_for_inference(path, device=plan.device, dtype=plan.weights, quantize=plan.quantize,
                                     pack=plan.pack)
+    plan = dataclasses.replace(plan, pack=is_packed(model))  # as carried out: int8, or no oneDNN, packs nothing
     return Loaded(model, tok, path, n_params, plan, time.perf_counter() - t0)

@@ -105,7 +105,7 @@ class InferencePlan:
         name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         kernels = {"int8": "int8 (fbgemm)", "int4": "int4 (ATen int4pack)"}
         matrices = kernels.get(self.quantize or "", name[self.weights])
-        packed = ", batched steps on oneDNN-packed weights" if self.pack else ""
+        packed = ", prepacked weights (oneDNN)" if self.pack else ""
         return f"{self.device}: weights {matrices}, prefill {name[self.prefill]}{packed}"
 
 

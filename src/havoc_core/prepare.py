@@ -236,7 +236,7 @@ def prepare_pretrain(sources: Iterable[str] | Iterable[os.PathLike], tokenizer: 
         with tqdm(total=total, desc="tokenizing", unit="B" if total else " docs", unit_scale=bool(total),
                   disable=not show_progress, file=sys.stderr) as bar, _Workers(workers, tokenizer) as pool:
             docs = _documents(sources, skip_invalid, skipped, text_key, bar)
-            run.tokenize(_batches(docs, run.consumed, set() if dedup else None, run.counts), pool, workers, bar,
+            run.tokenize(_batches(docs, run.consumed, set() if dedup else None, run.counts), pool, bar,
                          count_docs=total is None)
         manifest = run.finish(name, skipped)
     except HavocError:  # bad input: what was done is no base for a resume once the input is fixed
@@ -278,13 +278,13 @@ class _Run:
                  "splits": {split: w.summary() for split, w in self.writers.items()}}
         write_atomic(self.partial / PROGRESS, json.dumps(state))
 
-    def tokenize(self, batches: Iterator[Batch], pool: _Workers, workers: int, bar: tqdm, count_docs: bool) -> None:
+    def tokenize(self, batches: Iterator[Batch], pool: _Workers, bar: tqdm, count_docs: bool) -> None:
         bos, eos = np.asarray([self.tokenizer.bos_id], DTYPE), np.asarray([self.tokenizer.eos_id], DTYPE)
         max_tokens, val_fraction = self.options["max_tokens"], self.options["val_fraction"]
         pending: deque[tuple[Future, int]] = deque()
         started, stop = time.perf_counter(), False
         while not stop:
-            for texts, position in itertools.islice(batches, 2 * workers - len(pending)):
+            for texts, position in itertools.islice(batches, 2 * pool.workers - len(pending)):
                 pending.append((pool.submit(texts), position))
             if not pending:
                 return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import os
@@ -36,7 +35,7 @@ from havoc_core.checkpoint import step_of
 from havoc_core.config import format_params
 from havoc_core.engine import Engine
 from havoc_core.errors import HavocError
-from havoc_core.inference import is_packed, load
+from havoc_core.inference import load
 from havoc_core.openai_api import (
     CHAT,
     COMPLETION,
@@ -329,10 +328,8 @@ def serve(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", port
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     n = torch.get_num_threads()
-    packed = is_packed(loaded.model)
-    plan = dataclasses.replace(loaded.plan, pack=False).describe()  # (what was packed is said from the model)
     print(f"serving {name} ({format_params(loaded.n_params)} parameters, {max_batch} slots, {n} torch "
-          f"thread{'s' * (n > 1)}, {plan}{', prepacked weights' * packed}) at "
+          f"thread{'s' * (n > 1)}, {loaded.plan.describe()}) at "
           f"http://{shown}:{sock.getsockname()[1]}  (chat page at /, OpenAI API at /v1)", flush=True)
     if not is_loopback(host) and not api_key:
         print("warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
