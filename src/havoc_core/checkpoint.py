@@ -5,6 +5,7 @@ Layout (see docs/CHECKPOINTS.md)::
     checkpoints/<run>/checkpoint_step_<N>/
         config.json  model.safetensors  tokenizer.json  tokenizer_config.json
         trainer_state.json  optimizer.pt
+        quantization.json    (only in a checkpoint written by `havoc quantize`: inference only)
 
 This module knows files and configs only; ``model.load_model`` builds the model from them.
 """
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+QUANTIZATION_FILE = "quantization.json"  # marks a quantized (inference-only) checkpoint: inference.py reads it
 RUN_DIRS = {"pretrain": "checkpoints/havoc_phase0_pretrain", "sft": "checkpoints/havoc_phase1_sft"}
 CHAT_RUN = RUN_DIRS["sft"]  # where `havoc chat`, `havoc serve` and `havoc smoke` look without a path
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names of the dtypes a model can be stored in
@@ -104,9 +106,10 @@ def config_from_source(source: str) -> HavocConfig:
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: HavocConfig, *,
                     tokenizer: Any = None, trainer_state: dict[str, Any] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint dir atomically. ``tokenizer`` is anything with ``save(dir)``
-    (``havoc_core.tokenizer.HavocTokenizer``); the tied embedding is stored once."""
+    (``havoc_core.tokenizer.HavocTokenizer``); the tied embedding is stored once. ``extra_files``:
+    name -> text of further files (hashed into checksums.json with the rest)."""
 
     def write(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
@@ -118,6 +121,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
             write_atomic(tmp / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2) + "\n")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        for name, text in (extra_files or {}).items():
+            write_atomic(tmp / name, text)
         write_manifest(tmp, WEIGHTS_FILE)  # last: it hashes every file written above
 
     return write_atomic_dir(Path(path), write)
@@ -189,6 +194,9 @@ def load_weights(ckpt: Path, cfg: HavocConfig, device: str | torch.device = "cpu
     bytes changed since save is refused, never loaded with other logits (``shapes_only``: check
     from the file header alone and return nothing)."""
     path = ckpt / WEIGHTS_FILE
+    if (ckpt / QUANTIZATION_FILE).is_file():
+        raise CheckpointError(f"{ckpt / QUANTIZATION_FILE}: a quantized checkpoint (`havoc quantize`) runs with "
+                              "chat, generate, smoke and serve only; train, evaluate or export its source")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (a checkpoint needs its weights)")
     try:

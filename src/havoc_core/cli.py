@@ -20,7 +20,15 @@ import torch
 from havoc_core import integrity
 from havoc_core.builtin_corpus import builtin_conversations, builtin_documents
 from havoc_core.chat import CHAT_DEFAULTS, GENERATE_DEFAULTS, SMOKE_DEFAULTS, run_chat, run_generate, run_smoke
-from havoc_core.checkpoint import CHAT_RUN, RUN_DIRS, config_from_source, find_checkpoint, load_weights, save_model
+from havoc_core.checkpoint import (
+    CHAT_RUN,
+    RUN_DIRS,
+    WEIGHTS_FILE,
+    config_from_source,
+    find_checkpoint,
+    load_weights,
+    save_model,
+)
 from havoc_core.config import format_params
 from havoc_core.data import prepare_conversations
 from havoc_core.demo import DemoPlan, run_demo
@@ -29,6 +37,7 @@ from havoc_core.eval_tasks import TaskRun, format_table, run_tasks, task_list, w
 from havoc_core.evaluate import evaluate_checkpoint
 from havoc_core.gguf_export import OUTTYPES, export_gguf
 from havoc_core.hf import export, import_hf
+from havoc_core.inference import quantize_checkpoint
 from havoc_core.metrics import plot_run
 from havoc_core.model import HavocModel
 from havoc_core.prepare import default_workers, prepare_pretrain
@@ -79,6 +88,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"verified: every file listed in {ckpt / integrity.MANIFEST_FILE} matches its content hash")
     n = cfg.num_parameters()
     print(f"Model parameters: {format_params(n)} ({n:,})")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    out = quantize_checkpoint(args.checkpoint, args.out, args.quantize)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    print(f"wrote {out} ({args.quantize}, {size / 2**20:,.1f} MiB of weights)")
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -358,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf weights: f32 (default), f16, bf16, q8_0, or q4_k_m / q4_0 (llama.cpp's quantizer)")
     p.add_argument("--force", action="store_true", help="gguf: overwrite an existing file")
     p.add_argument("--tokenizer", help="tokenizer.json (or a dir with one) if the checkpoint has none")
+
+    p = add("quantize", cmd_quantize, "write a checkpoint's matrices as int4 or int8 for CPU inference (chat, "
+            "generate, smoke, serve load it as stored, without quantizing again)")
+    p.add_argument("checkpoint", help="checkpoint dir or run dir")
+    p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("--quantize", choices=["int4", "int8"], default="int4",
+                   help="int4: groups of 32 with a scale and zero each, int8 output head; int8: one scale per row")
 
     p = add("import", cmd_import, "turn a Hugging Face Llama model dir (safetensors) into a HAVOC checkpoint")
     p.add_argument("hf_dir", help="directory with config.json, model.safetensors (or shards) and tokenizer.json")

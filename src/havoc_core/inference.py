@@ -8,6 +8,7 @@ the fly, a decode step reads each stored weight once, in the stored dtype.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,15 +18,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from havoc_core import integrity
 from havoc_core.attention import Attention
-from havoc_core.checkpoint import OPTIMIZER_FILE, find_checkpoint, load_config, resolve_checkpoint
-from havoc_core.errors import HavocError
+from havoc_core.checkpoint import (
+    OPTIMIZER_FILE,
+    QUANTIZATION_FILE,
+    WEIGHTS_FILE,
+    find_checkpoint,
+    load_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from havoc_core.errors import CheckpointError, HavocError
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
-from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference
+from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference, weights_dtype
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
 INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 ranges tried per group (clipping outliers can pay)
@@ -49,19 +59,23 @@ class InferenceLinear(nn.Module):
     DECODE_ROWS = 16  # up to this many rows (a decode step of a batch) take the int8 kernel
     INT4_GROUP = 32  # inputs sharing one int4 scale and zero (as llama.cpp's Q4_0 blocks)
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, quantize: Quantize | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, quantize: Quantize | None = None,
+                 dtype: torch.dtype | None = None, *, parts: dict[str, Tensor] | None = None) -> None:
+        """From a float ``weight`` (quantized here when ``quantize`` says so), or from the stored
+        ``parts`` of an already quantized matrix (``quantize_matrix``; ``weight`` None)."""
         super().__init__()
-        dtype = dtype or weight.dtype
-        scale = None
+        if weight is not None and quantize is not None:
+            parts = quantize_matrix(weight, quantize)
+        parts = parts or {}
+        dtype = dtype or (weight.dtype if weight is not None else torch.bfloat16)
         self.int4: tuple[Tensor, Tensor] | None = None  # (packed weight, scales and zeros) for int4
-        if quantize == "int4" and weight.shape[1] % self.INT4_GROUP == 0:
-            self.int4 = _int4_pack(weight.detach(), self.INT4_GROUP)
-            weight = torch.empty(0, dtype=dtype, device=weight.device)
-        elif quantize in ("int8", "int4"):  # int4 needs whole groups: such a matrix is int8 instead
-            w = weight.detach().float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scale = parts.get("scale")
+        if "qweight" in parts:  # the kernel's own layout is made here: it differs between CPU kinds
+            self.int4 = (_int4_kernel_layout(parts["qweight"]), parts["qscale"].to(torch.bfloat16).contiguous())
+            weight = torch.empty(0, dtype=dtype, device=parts["qweight"].device)
+        elif scale is not None:
+            weight = parts["weight"]
+        assert weight is not None, "a float weight or the parts of a quantized one"
         # buffers, so that model.to(device) moves them
         self.register_buffer("weight", weight.detach() if scale is not None else weight.detach().to(dtype))
         self.register_buffer("scale", scale)
@@ -161,13 +175,22 @@ class CastRMSNorm(nn.RMSNorm):
         return h if self.weight is None else h * self.weight.to(x.dtype)
 
 
-def _int4_pack(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """``weight`` [out, in] as asymmetric 4-bit codes per group of ``group`` inputs, in the layout of
-    ATen's CPU int4 kernel: codes q in 0..15 stand for (q - 8) x scale + zero, scale and zero in
-    bf16 ([in / group, out, 2]; the kernel reads them in the activations' dtype). Each group's
-    range is its min..max shrunk by the factor (of ``INT4_SHRINK``) with the least squared error,
-    and the codes are rounded against the bf16 scale and zero actually used."""
-    w = weight.float().view(weight.shape[0], -1, group)
+def quantize_matrix(weight: Tensor, quantize: Quantize) -> dict[str, Tensor]:
+    """The stored form of a matrix [out, in], the same on every machine and torch build (what
+    ``havoc quantize`` writes):
+    - int8: ``weight`` int8 [out, in] and ``scale`` fp32 [out], one symmetric scale per row;
+    - int4: ``qweight`` uint8 [out, in / 2], codes 0..15 (input 2j in the low nibble, 2j + 1 in
+      the high one), and ``qscale`` bf16 [in / 32, out, 2], a (scale, zero) per group of 32 inputs:
+      code q stands for (q - 8) x scale + zero. A matrix whose inputs are no whole number of
+      groups is stored int8 instead.
+    Each int4 group's range is its min..max shrunk by the factor (of ``INT4_SHRINK``) with the least
+    squared error, and the codes are rounded against the bf16 scale and zero actually used."""
+    group = InferenceLinear.INT4_GROUP
+    if quantize == "int8" or weight.shape[1] % group:
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        return {"weight": (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), "scale": scale}
+    w = weight.detach().float().view(weight.shape[0], -1, group)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     best: tuple[Tensor, Tensor, Tensor] | None = None
     for shrink in INT4_SHRINK:
@@ -183,8 +206,15 @@ def _int4_pack(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
             best = (torch.where(better, error, best[0]), torch.where(better, codes, best[1]),
                     torch.where(better, torch.cat([scale, zero], -1), best[2]))
     _, codes, scales_zeros = best  # type: ignore[misc]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).view(weight.shape), 1)
-    return packed, scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+    q = codes.to(torch.uint8).view(weight.shape[0], -1, 2)
+    return {"qweight": q[..., 0] | (q[..., 1] << 4), "qscale": scales_zeros.transpose(0, 1).contiguous().bfloat16()}
+
+
+def _int4_kernel_layout(qweight: Tensor) -> Tensor:
+    """ATen's packed layout of int4 codes: it depends on the CPU kind (AVX2 and AVX-512 builds
+    interleave differently), so it is made at load time and never stored."""
+    codes = torch.stack([qweight & 15, qweight >> 4], -1).view(qweight.shape[0], -1).to(torch.int32)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
 
 
 def _version(t: Tensor) -> int | None:
@@ -204,9 +234,7 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     if quantize not in (None, *QUANTIZE):
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
     model.eval().requires_grad_(False).to(dtype)
-    # the output head stays int8 under int4 (as llama.cpp keeps it at 6-8 bits in its 4-bit files): on
-    # the demo model an int4 head alone moved perplexity by ~2% (docs/LOG.md)
-    head_quantize: Quantize | None = "int8" if quantize == "int4" else quantize
+    head_quantize = _head_quantize(quantize)
     for module in list(model.modules()):
         if isinstance(module, (Attention, GatedMLP)):
             module.fuse_projections()  # fewer ops per decode step: +8% tokens/s on havoc-tiny bf16
@@ -227,6 +255,113 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     return model
 
 
+def _head_quantize(quantize: Quantize | None) -> Quantize | None:
+    """The output head stays int8 under int4 (as llama.cpp keeps it at 6-8 bits in its 4-bit files):
+    on the demo model an int4 head alone moved perplexity by ~2% (docs/LOG.md)."""
+    return "int8" if quantize == "int4" else quantize
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, quantize: Quantize) -> Path:
+    """Write ``source``'s model quantized (``quantize_matrix``'s portable parts of every matrix, q/k/v
+    and gate/up fused) with its config and tokenizer to ``out``, with a
+    quantization.json that marks it inference-only. Loading it (``load_for_inference``) does not
+    quantize again: 4x fewer bytes to read than bf16 and no seconds of range search."""
+    if quantize not in QUANTIZE:
+        raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)}, found {quantize!r}")
+    ckpt = find_checkpoint(source)
+    # quantized from (and embedding and norms kept in) the dtype a CPU plan gives the activations, so
+    # the file holds exactly what quantizing at load time makes: fp32 beside int8, bf16 beside int4
+    model = prepare_model(load_model(ckpt), weights_dtype("auto", 0, "cpu", quantize))
+    tokenizer = HavocTokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).is_file() else None
+    state = {name: p for name, p in model.named_parameters()}  # embedding and norms
+    for name, module in model.named_modules():
+        if isinstance(module, InferenceLinear):
+            parts = quantize_matrix(module.weight, _head_quantize(quantize) if name == "lm_head" else quantize)
+            state.update({f"{name}.{k}": v for k, v in parts.items()})
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias
+    info = {"method": quantize, "group_size": InferenceLinear.INT4_GROUP, "head": _head_quantize(quantize),
+            "source": str(ckpt)}
+    return save_checkpoint(out, state, model.config, tokenizer=tokenizer,
+                           extra_files={QUANTIZATION_FILE: json.dumps(info, indent=2) + "\n"})
+
+
+def stored_quantization(ckpt: Path) -> Quantize | None:
+    """The method of a quantized checkpoint (its quantization.json), None for a float one."""
+    path = ckpt / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    method = info.get("method") if isinstance(info, dict) else None
+    if method not in QUANTIZE:
+        raise CheckpointError(f"{path}: method: expected {' or '.join(QUANTIZE)}, found {method!r}")
+    if info.get("group_size") != InferenceLinear.INT4_GROUP:
+        raise CheckpointError(f"{path}: group_size: expected {InferenceLinear.INT4_GROUP}, "
+                              f"found {info.get('group_size')!r}")
+    return method
+
+
+def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
+    """The model of a ``quantize_checkpoint`` directory: every part's name, shape and dtype checked
+    against what config.json builds (the error names the tensor), then used as stored."""
+    cfg = load_config(ckpt)
+    path = ckpt / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = HavocModel(cfg)
+    for module in list(model.modules()):
+        if isinstance(module, (Attention, GatedMLP)):
+            module.fuse_projections()
+        if isinstance(module, nn.RMSNorm):
+            module.__class__ = CastRMSNorm
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if model.lm_head is None:
+        linears.append(("lm_head", nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device="meta")))
+    for name, linear in linears:
+        out_f, in_f = linear.weight.shape
+        int4 = f"{name}.qweight" in state
+        groups = in_f // InferenceLinear.INT4_GROUP
+        int4_parts = {"qweight": ((out_f, in_f // 2), torch.uint8), "qscale": ((groups, out_f, 2), torch.bfloat16)}
+        int8_parts = {"weight": ((out_f, in_f), torch.int8), "scale": ((out_f,), torch.float32)}
+        expected = int4_parts if int4 else int8_parts
+        if linear.bias is not None:
+            expected["bias"] = ((out_f,), None)  # any float dtype
+        parts = {}
+        for part, (shape, part_dtype) in expected.items():
+            key = f"{name}.{part}"
+            t = state.pop(key, None)
+            if t is None or tuple(t.shape) != shape or t.dtype != (part_dtype or t.dtype) or not (
+                    part_dtype or t.is_floating_point()):
+                found = "missing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+                want = str(part_dtype).removeprefix('torch.') if part_dtype else "float"
+                raise CheckpointError(f"{path}: {key}: expected {want} {list(shape)} "
+                                      f"({'int4' if int4 else 'int8'} form of a {out_f}x{in_f} matrix), found {found}")
+            parts[part] = t
+        bias = parts.pop("bias", None)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, InferenceLinear(None, bias, dtype=dtype,
+                                                                                       parts=parts))
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        t = state.pop(name, None)
+        if t is None or t.shape != p.shape or not t.is_floating_point():
+            found = "missing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            raise CheckpointError(f"{path}: {name}: expected a float tensor {list(p.shape)}, found {found}")
+        state[name] = t.to(dtype)
+    extra = [k for k in state if k not in params]
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]} not built by config.json")
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 def is_packed(model: HavocModel) -> bool:
     """Whether any matrix has a oneDNN-packed copy (it doubles their memory)."""
     return any(isinstance(m, InferenceLinear) and m._onednn is not None for m in model.modules())
@@ -235,8 +370,13 @@ def is_packed(model: HavocModel) -> bool:
 def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                        quantize: Quantize | None = None, pack: bool = False) -> tuple[HavocModel, HavocTokenizer]:
     """Model and tokenizer of a checkpoint (or of a run's newest checkpoint), checked against each
-    other, the model prepared for inference (``prepare_model``)."""
+    other, the model prepared for inference (``prepare_model``). A quantized checkpoint
+    (``quantize_checkpoint``) is used as stored: ``quantize`` must then be None or its method."""
     ckpt = find_checkpoint(path)
+    stored = stored_quantization(ckpt)
+    if stored is not None and quantize not in (None, stored):
+        raise HavocError(f"{ckpt}: quantize: this checkpoint is stored {stored} ({QUANTIZATION_FILE}), found "
+                         f"--quantize {quantize}; quantize the float checkpoint it was made from instead")
     if not (ckpt / TOKENIZER_FILE).is_file():
         raise HavocError(f"{ckpt}: no {TOKENIZER_FILE} in this checkpoint (chat needs one; store it with "
                          f"`havoc init --tokenizer` or train with `havoc pretrain` / `havoc sft`)")
@@ -248,9 +388,11 @@ def load_for_inference(path: str | Path, *, device: str = "cpu", dtype: torch.dt
         verdict = pool.submit(integrity.verify, ckpt, skip=(OPTIMIZER_FILE,))
         try:
             tokenizer = HavocTokenizer.load(ckpt)
-            model = load_model(ckpt, device=device, check_hashes=False)
+            if stored is not None:  # every matrix quantized already: nothing to convert or pack
+                model = _load_quantized(ckpt, device, dtype or torch.bfloat16)
+            else:
+                model = prepare_model(load_model(ckpt, device=device, check_hashes=False), dtype, quantize, pack=pack)
             tokenizer.check_compatible(model.config)
-            prepare_model(model, dtype, quantize, pack=pack)
         except HavocError:
             raise
         except BaseException:
@@ -277,6 +419,7 @@ def load(checkpoint: str | Path | None, *, device: str = "auto", dtype: str = "a
     t0 = time.perf_counter()
     path = resolve_checkpoint(checkpoint)
     n_params = load_config(path).num_parameters()
+    quantize = quantize or stored_quantization(find_checkpoint(path))
     plan = plan_inference(n_params, device=device, dtype=dtype, quantize=quantize, batching=batching, pack=pack)
     model, tok = load_for_inference(path, device=plan.device, dtype=plan.weights, quantize=plan.quantize,
                                     pack=plan.pack)
