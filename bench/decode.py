@@ -9,7 +9,8 @@ For each preset (random weights, seeded; transformers' ``LlamaForCausalLM`` come
   else in fp32 whatever the storage dtype);
 - the memory-bandwidth bound: bytes of all weights but the input embedding, read once per token,
   over the bandwidth of a large fp32 ``F.linear`` matrix-vector product measured here and now;
-- with ``--int8``: batch-1 decode with int8 weights (HAVOC only), timed in the same rounds;
+- with ``--int8``: decode with int8 weights (HAVOC only; what `havoc serve` picks on CPUs without
+  native bf16), timed in the same rounds;
 - with ``--startup``: seconds from process start to the chat's ``You:`` prompt (a saved checkpoint),
   against a process that loads the exported HF model and tokenizer with ``from_pretrained``.
 
@@ -224,7 +225,7 @@ def main() -> None:
         for batch in (1, 8):
             ids = prompts(batch, PROMPT_LEN, vocab)
             runs = {"havoc": partial(havoc_run, model), "hf": partial(hf_run, hf)}
-            if int8 is not None and batch == 1:  # timed in the same rounds as the dtype it is compared with
+            if int8 is not None:  # timed in the same rounds as the dtype it is compared with
                 runs["havoc_int8"] = partial(havoc_run, int8)
             if args.compile:
                 runs["havoc_compiled"] = partial(havoc_run, model, compile=True)
@@ -240,6 +241,9 @@ def main() -> None:
                                 **({"havoc_int8_tok_s": rates["havoc_int8"]} if "havoc_int8" in rates else {})}
             print(f"{preset} {args.dtype} batch {batch}: HAVOC {ours:.1f} tok/s, transformers {theirs:.1f} tok/s, "
                   f"ratio {ours / theirs:.2f}x", flush=True)
+            if "havoc_int8" in rates:
+                print(f"{preset} int8 batch {batch}: HAVOC {rates['havoc_int8']:.1f} tok/s = "
+                      f"{rates['havoc_int8'] / theirs:.2f}x transformers {args.dtype}", flush=True)
         row["b1"].update(bound_tok_s=bound, of_bound=row["b1"]["havoc_tok_s"] / bound,
                          hf_of_bound=row["b1"]["hf_tok_s"] / bound)
         print(f"{preset} bound {bound:.1f} tok/s: HAVOC at {row['b1']['of_bound']:.0%}, "

@@ -1,54 +1,94 @@
-"""The one dtype policy, on this machine and on faked CPU descriptions (with and without native
-bf16): storage, prefill and training dtypes, prepacking, and the line printed at start."""
+"""The one dtype policy on described CPUs (an AVX-512 one with native bf16, an AVX2 one without)
+and on this machine: storage, prefill and training dtypes, prepacking, the decode and batch
+kernels, and the line printed at start."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from havoc_core import HavocError, precision
-from havoc_core.precision import plan_inference, training_dtype
+from havoc_core import HavocError
+from havoc_core.precision import CpuInfo, plan_inference, training_dtype
+
+AVX512 = CpuInfo("AVX512", native_bf16=True)
+AVX2 = CpuInfo("AVX2", native_bf16=False)
+SMALL, LARGE = 5_000_000, 2_000_000_000
 
 
-@pytest.fixture(params=[True, False], ids=["native-bf16", "avx2-only"])
-def native_bf16(request, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: request.param)
+@pytest.fixture(params=[AVX512, AVX2], ids=["avx512-bf16", "avx2"])
+def cpu(request) -> CpuInfo:
     return request.param
 
 
-def test_storage_dtype_follows_size_and_hardware(native_bf16):
-    small, large = plan_inference(5_000_000, device="cpu"), plan_inference(2_000_000_000, device="cpu")
-    assert small.weights == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert large.weights == torch.bfloat16  # decode reads half the bytes
-    assert plan_inference(5_000_000, device="cpu", quantize="int8").weights == torch.float32  # fbgemm takes fp32
-    assert plan_inference(5_000_000, device="cuda").weights == torch.bfloat16
-    assert plan_inference(5_000_000, device="cpu", dtype="float16").weights == torch.float16
+def plan(n_params: int, **kwargs):
+    return plan_inference(n_params, device=kwargs.pop("device", "cpu"), **kwargs)
 
 
-def test_prefill_runs_fp32_where_bf16_is_emulated(native_bf16):
-    plan = plan_inference(2_000_000_000, device="cpu")
-    assert plan.prefill == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert plan_inference(2_000_000_000, device="cuda").prefill == torch.bfloat16
+def test_storage_dtype_follows_size_and_hardware(cpu):
+    native = cpu.native_bf16
+    assert plan(SMALL, cpu=cpu).weights == (torch.bfloat16 if native else torch.float32)
+    assert plan(LARGE, cpu=cpu).weights == torch.bfloat16  # one stream's decode reads half the bytes
+    # serving without native bf16: int8 (fbgemm's 8-row matmuls 5x packed fp32's, 13x emulated bf16's)
+    serving = plan(LARGE, cpu=cpu, batching=True)
+    assert (serving.weights, serving.quantize) == ((torch.bfloat16, None) if native else (torch.float32, "int8"))
+    assert plan(LARGE, cpu=AVX2, batching=True, dtype="bfloat16").quantize is None  # --dtype keeps float weights
+    assert plan(SMALL, cpu=cpu, quantize="int8").weights == torch.float32  # fbgemm takes fp32
+    assert plan(SMALL, cpu=cpu, quantize="int4").weights == torch.bfloat16  # int4pack is fast on bf16
+    assert plan(SMALL, device="cuda", cpu=cpu).weights == torch.bfloat16
+    assert plan(LARGE, cpu=cpu, batching=True, dtype="bfloat16").weights == torch.bfloat16  # --dtype wins
 
 
-def test_packing_when_batching_or_small_fp32(native_bf16):
-    assert plan_inference(2_000_000_000, device="cpu", batching=True).pack
-    assert not plan_inference(2_000_000_000, device="cpu").pack  # chat of a big model keeps one copy
-    assert plan_inference(5_000_000, device="cpu", dtype="float32").pack
-    assert not plan_inference(5_000_000, device="cpu", batching=True, pack=False).pack  # --no-prepack
-    assert not plan_inference(5_000_000, device="cuda", batching=True).pack
+def test_prefill_runs_fp32_where_bf16_is_emulated(cpu):
+    assert plan(LARGE, cpu=cpu).prefill == (torch.bfloat16 if cpu.native_bf16 else torch.float32)
+    assert plan(LARGE, device="cuda").prefill == torch.bfloat16
 
 
-def test_training_dtype_follows_the_hardware(native_bf16):
-    cpu = torch.device("cpu")
-    assert training_dtype("float32", cpu) == torch.float32 and training_dtype("bfloat16", cpu) == torch.bfloat16
-    assert training_dtype("auto", cpu) == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert training_dtype("auto", torch.device("cuda")) == torch.bfloat16
+def test_packing_when_batching_or_small_fp32(cpu):
+    assert plan(LARGE, cpu=AVX512, batching=True).pack
+    assert plan(LARGE, cpu=AVX2, batching=True, dtype="float32").pack
+    assert not plan(LARGE, cpu=cpu).pack  # chat of a big model keeps one copy
+    assert plan(SMALL, cpu=cpu, dtype="float32").pack
+    assert not plan(SMALL, cpu=cpu, batching=True, pack=False).pack  # --no-prepack
+    assert not plan(SMALL, cpu=cpu, batching=True, quantize="int8").pack  # int8 has fbgemm's own layout
+    assert not plan(SMALL, device="cuda", batching=True).pack
+    assert not plan(LARGE, cpu=AVX2, batching=True, dtype="bfloat16").pack  # no packed emulated bf16
 
 
-def test_the_plan_says_what_it_chose(native_bf16):
-    line = plan_inference(5_000_000, device="cpu", quantize="int8", batching=True).describe()
-    assert line == "cpu: weights int8 (fbgemm), prefill fp32, prepacked weights (oneDNN)"
-    assert "weights bf16, prefill " + ("bf16" if native_bf16 else "fp32") in plan_inference(
-        2_000_000_000, device="cpu").describe()
+def test_training_dtype_follows_the_hardware(cpu):
+    host = torch.device("cpu")
+    assert training_dtype("float32", host, cpu) == torch.float32
+    assert training_dtype("bfloat16", host, cpu) == torch.bfloat16
+    assert training_dtype("auto", host, cpu) == (torch.bfloat16 if cpu.native_bf16 else torch.float32)
+    assert training_dtype("auto", torch.device("cuda"), cpu) == torch.bfloat16
+
+
+def test_the_plan_says_what_it_chose():
+    assert plan(SMALL, cpu=AVX512, quantize="int8", batching=True).describe() == \
+        "cpu (AVX512, native bf16): decode int8 (fbgemm), batch int8 (fbgemm), prefill fp32"
+    assert plan(LARGE, cpu=AVX2, batching=True).describe() == \
+        "cpu (AVX2, no native bf16): decode int8 (fbgemm), batch int8 (fbgemm), prefill fp32"
+    assert plan(LARGE, cpu=AVX2, batching=True, dtype="float32").describe() == \
+        "cpu (AVX2, no native bf16): decode fp32 packed (oneDNN), batch fp32 packed (oneDNN), prefill fp32"
+    assert plan(LARGE, cpu=AVX2).describe() == "cpu (AVX2, no native bf16): decode bf16 (ATen), prefill fp32"
+    assert plan(LARGE, cpu=AVX512, batching=True).describe() == \
+        "cpu (AVX512, native bf16): decode bf16 packed (oneDNN), batch bf16 packed (oneDNN), prefill bf16"
+    assert plan(LARGE, cpu=AVX512, quantize="int4").describe() == \
+        "cpu (AVX512, native bf16): decode int4 (ATen int4pack), prefill bf16"
+    assert plan(SMALL, device="cuda").describe() == "cuda: decode bf16, prefill bf16"
+
+
+def test_this_machine_is_described_as_torch_runs_it():
+    """The description is read from torch, so the AVX2 emulation the benchmarks use (ATen's AVX2
+    kernels, oneDNN capped at AVX2) is seen as an AVX2 CPU without native bf16."""
+    here = CpuInfo.detect()
+    assert here.capability == torch.backends.cpu.get_cpu_capability()
+    code = "from havoc_core.precision import CpuInfo; print(CpuInfo.detect())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    emulated = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    if here.capability in ("AVX2", "AVX512"):  # x86: the emulation applies
+        assert emulated.stdout.strip() == "AVX2, no native bf16"
 
 
 def test_bad_choices_are_one_line_errors():

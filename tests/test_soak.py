@@ -58,23 +58,25 @@ def test_soak_64_clients_for_two_minutes(endless_checkpoint):
     _check(soak.soak(endless_checkpoint))
 
 
-def test_seeded_replies_are_the_same_alone_or_batched_in_bf16(endless_checkpoint):
-    """bf16 (``havoc serve``'s choice on CPUs with native bf16, and from 50M parameters on all):
+@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.float32, None)], ids=["bf16", "int8", "fp32"])
+def test_seeded_replies_are_the_same_alone_or_batched(endless_checkpoint, dtype, quantize):
+    """bf16 (``havoc serve``'s choice on CPUs with native bf16) and int8 (its choice on CPUs without):
     admitted as a server admits them (a few at a time, into the slot with the longest cached
     prefix, prefilled together), decoded together at different positions, a third stopped early;
     each request's tokens equal its tokens alone. Before the fix most differed: bf16 attention over
     the padding of a longer row or split by a cached prefix, ATen's kernel or plain oneDNN for a
-    lone row (attention.py, engine.single_row_kernels, InferenceLinear._use_packed)."""
+    lone row (attention.py, engine.slot_kernels, InferenceLinear._use_packed); in int8, fbgemm's one
+    activation range per call (InferenceLinear._int8)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `havoc serve` here (serve.serving_threads); 2 threads on a busy machine crawl
     try:
-        _alone_or_batched(endless_checkpoint)
+        _alone_or_batched(endless_checkpoint, dtype, quantize)
     finally:
         torch.set_num_threads(threads)
 
 
-def _alone_or_batched(checkpoint: Path) -> None:
-    model, tok = load_for_inference(checkpoint, dtype=torch.bfloat16, pack=True)
+def _alone_or_batched(checkpoint: Path, dtype: torch.dtype, quantize: str | None) -> None:
+    model, tok = load_for_inference(checkpoint, dtype=dtype, quantize=quantize, pack=True)
     rng = random.Random(0)
     words = "the import statement binds a name in the local namespace to a module object".split()
     requests = []

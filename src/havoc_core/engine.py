@@ -34,6 +34,7 @@ from torch import Tensor
 from havoc_core.detokenize import TextStream
 from havoc_core.errors import HavocError
 from havoc_core.grammar import Constraint, Grammars, mask_logits
+from havoc_core.inference import InferenceLinear
 from havoc_core.model import HavocModel
 from havoc_core.precision import prefill_dtype as default_prefill_dtype
 from havoc_core.sampling import SamplingParams, sample_tokens
@@ -376,6 +377,10 @@ class Engine:
         return torch.cat(out).float().cpu()
 
     def _prefill_pass(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
+        with slot_kernels(self.model, len(self.slots)) if len(self.slots) > 1 else nullcontext():
+            return self._prefill_rows_in_one_pass(rows)
+
+    def _prefill_rows_in_one_pass(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
         """Several rows go right-padded through one forward pass: padding keys land past each row's
         own tokens, where the causal mask hides them until decoding overwrites them. Rows too uneven
         to pad (more than half padding) or too close to the context's end take a pass each."""
@@ -404,21 +409,24 @@ class Engine:
         position. Only the running rows are computed: a contiguous run of slots is a view of the
         cache, scattered slots gather their rows (positions up to the longest)."""
         idx = torch.tensor([s.pending for s in states], device=self.device)[:, None]
-        with single_row_kernels(self.model, len(self.slots)):
+        with slot_kernels(self.model, len(self.slots)):
             logits = self._decode(idx, cache=self.cache.view(running, [len(s.tokens) for s in states]))
         return logits[:, -1].float().cpu()
 
 
-def single_row_kernels(model: HavocModel, rows: int) -> AbstractContextManager[Any]:
-    """The decode backend of an engine of ``rows`` slots. One row of half-precision weights on CPU
+def slot_kernels(model: HavocModel, rows: int) -> AbstractContextManager[Any]:
+    """The matmul backends of an engine of ``rows`` slots. One row of half-precision weights on CPU
     is a matrix-vector product, and ATen's kernel for it beats oneDNN's (every bf16 matmul's while
     oneDNN is on): 1.2-2.5x on havoc-tiny's and havoc-small's matrices (docs/LOG.md), a third of a
     havoc-tiny step. ``mv``, ``mm`` and ``linear`` check one switch, so a step runs with it off
     (``torch.backends.mkldnn.flags`` warns about TF32 on every call). Batching engines and fp32 keep
     oneDNN (2-4x faster for several rows), for one row too: ATen's kernel rounds differently, and a
-    seeded request must get the same tokens alone or batched."""
+    seeded request must get the same tokens alone or batched; for the same reason they round int8
+    activations row by row (``InferenceLinear._int8``)."""
     w = model.embed.weight
-    if rows == 1 and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
+    if rows > 1:
+        return _int8_same_in_any_batch()
+    if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
         return _onednn_off()
     return nullcontext()
 
@@ -431,6 +439,16 @@ def _onednn_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = old
+
+
+@contextmanager
+def _int8_same_in_any_batch() -> Iterator[None]:
+    old = InferenceLinear.same_in_any_batch
+    InferenceLinear.same_in_any_batch = True
+    try:
+        yield
+    finally:
+        InferenceLinear.same_in_any_batch = old
 
 
 def _top(lp: Tensor, k: int) -> list[list[tuple[int, float]]]:

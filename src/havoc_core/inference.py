@@ -14,7 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +44,20 @@ INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 ranges tried per group (clippi
 class InferenceLinear(nn.Module):
     """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, int8 with one
     scale per output row, or int4 in groups of ``INT4_GROUP`` inputs with a scale and a zero each.
-    It computes in the activations' dtype: a prefill upcasts (dequantises) the weight on the fly, a
+    It computes in the activations' dtype: a float prefill may upcast the weight on the fly, a
     decode step reads the stored bytes once.
 
     Kernels on CPU, by what measured fastest here (docs/LOG.md):
     - one row of half-precision activations: ``F.linear``, which the engine runs on ATen's own
-      kernel (``engine.single_row_kernels``): up to 2.5x oneDNN's rate on small matrices;
-    - int8, up to ``DECODE_ROWS`` rows: fbgemm's int8 kernel, which also rounds the step's
-      activations to 8 bits (per tensor, on the fly): integer dot products make int8 faster than
-      bf16 on a CPU without native bf16; the prefill stays weight-only;
+      kernel (``engine.slot_kernels``): up to 2.5x oneDNN's rate on small matrices;
+    - int8: fbgemm's int8 kernel, which also rounds the activations to 8 bits (row by row, on the
+      fly: ``_int8``): integer dot products make int8 faster than bf16 and fp32 on a CPU without
+      native bf16, prefills included;
+    - int4: ATen's int4pack kernel on bf16 activations;
     - several rows (and single fp32 rows), after ``pack()``: oneDNN on a copy of the weight in its
       blocked layout."""
 
-    DECODE_ROWS = 16  # up to this many rows (a decode step of a batch) take the int8 kernel
+    same_in_any_batch: ClassVar[bool] = False  # int8 rows rounded alike in any batch (set by a batching engine)
     INT4_GROUP = 32  # inputs sharing one int4 scale and zero (as llama.cpp's Q4_0 blocks)
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, quantize: Quantize | None = None,
@@ -81,6 +82,7 @@ class InferenceLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self._fbgemm: Any = None  # fbgemm's layout of an int8 weight, made on first CPU use
+        self._anchor: Tensor | None = None  # the row that fixes the int8 kernel's range (see _int8)
         self._onednn: Tensor | None = None  # oneDNN's layout of a float weight, made by pack()
         self._onednn_version: int | None = None  # the weight's version counter when it was packed
 
@@ -109,7 +111,7 @@ class InferenceLinear(nn.Module):
             self._onednn = None  # edited in place since it was packed
             self.pack()
         # one half-precision row: ATen's kernel where the engine turned oneDNN off for it
-        # (``engine.single_row_kernels``), else the packed one, as for several rows: the plain oneDNN
+        # (``engine.slot_kernels``), else the packed one, as for several rows: the plain oneDNN
         # call rounds some rows differently (havoc-tiny's o_proj: 8 in 6,000), and a seeded request
         # must get the same tokens alone or batched
         return self._onednn is not None and (x.dtype == torch.float32 or x.numel() > x.shape[-1]
@@ -134,11 +136,28 @@ class InferenceLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _int8(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.numel() <= self.DECODE_ROWS * x.shape[-1] and self._fbgemm_ready():
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self._fbgemm, True)
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        """fbgemm's kernel rounds the activations to 8 bits with one range for the whole call: over
+        several rows, a row's result would depend on the rows beside it (a seeded request got other
+        tokens when batched) and one outlier token would coarsen a whole prompt. So each row is
+        divided by its own largest magnitude and an anchor row [1, -1, 0, ...] is appended: the
+        call's range is then always [-1, 1], each row is rounded as it would be alone, and the
+        integer products are exact, so a row's result is the same in any batch. A single row of a
+        one-slot engine (chat) takes the plain call (its range is its own; the wrapper costs ~20%
+        of a havoc-small step); batching engines set ``same_in_any_batch`` so that their single
+        rows round as in a batch. Prefills take it too: 1.7x faster than a weight-only product on
+        havoc-small's 512-token prefill (docs/LOG.md)."""
+        if x.device.type != "cpu" or not self._fbgemm_ready():
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if rows.shape[0] == 1 and not InferenceLinear.same_in_any_batch:
+            y = torch.ops.quantized.linear_dynamic(rows, self._fbgemm, True)
+        else:
+            size = rows.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+            y = torch.ops.quantized.linear_dynamic(torch.cat([rows / size, self._anchor]), self._fbgemm, True)
+            y = y[:-1] * size
+        y = y if self.bias is None else y + self.bias.float()
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
 
     def _int4(self, x: Tensor) -> Tensor:
         """ATen's int4 kernel on bf16 activations (on fp32 ones it measured several times slower)."""
@@ -156,8 +175,9 @@ class InferenceLinear(nn.Module):
                 with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels not (yet)
                     warnings.simplefilter("ignore", UserWarning)
                     q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zeros, 0)
-                bias = None if self.bias is None else self.bias.float()
-                self._fbgemm = torch.ops.quantized.linear_prepack(q, bias)
+                self._fbgemm = torch.ops.quantized.linear_prepack(q, None)  # the bias is added after scaling
+                self._anchor = torch.zeros(1, self.weight.shape[1])
+                self._anchor[0, :2] = torch.tensor([1.0, -1.0])[: self.weight.shape[1]]
             except (RuntimeError, NotImplementedError):
                 self._fbgemm = False
         return self._fbgemm is not False

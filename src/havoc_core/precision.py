@@ -11,6 +11,7 @@ docs/LOG.md; in short, on CPU:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,23 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the policy asks of a CPU. ``CpuInfo.detect()`` reads this machine (also what
+    ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` leave of it); tests describe other CPUs."""
+
+    capability: str  # ATen's kernel set: "AVX512", "AVX2", "DEFAULT" (or another architecture's name)
+    native_bf16: bool  # oneDNN runs bf16 matmuls natively (AVX512-BF16, AMX): ~2x fp32's rate
+
+    @staticmethod
+    @functools.cache
+    def detect() -> CpuInfo:
+        return CpuInfo(torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16())
+
+    def __str__(self) -> str:
+        return f"{self.capability}, {'native' if self.native_bf16 else 'no native'} bf16"
+
+
 def pick_device(device: str) -> str:
     """``auto``: the first CUDA GPU if there is one, else the CPU."""
     if device == "auto":
@@ -47,7 +65,8 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def weights_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | None = None) -> torch.dtype:
+def weights_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | None = None, *,
+                  cpu: CpuInfo | None = None) -> torch.dtype:
     """Storage dtype for inference. ``auto``: bf16 on GPUs and on CPUs with native bf16 (havoc-tiny
     decodes 1.5-2.5x faster than in fp32 there); on other CPUs bf16 from ``BF16_DECODE_FROM``
     parameters (decode reads half the bytes) and fp32 below (small models are bound by per-op
@@ -55,37 +74,55 @@ def weights_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | N
     bf16 beside int4 ones (ATen's int4 kernel is several times faster on bf16 activations than fp32)."""
     if dtype != "auto":
         return parse_dtype(dtype)
-    if quantize == "int4":
+    if quantize == "int4" or not device.startswith("cpu"):
         return torch.bfloat16
-    if device.startswith("cpu"):
-        if quantize:
-            return torch.float32
-        return torch.bfloat16 if n_params >= BF16_DECODE_FROM or cpu_has_native_bf16() else torch.float32
-    return torch.bfloat16
+    if quantize:
+        return torch.float32
+    return torch.bfloat16 if n_params >= BF16_DECODE_FROM or (cpu or CpuInfo.detect()).native_bf16 else torch.float32
 
 
-def prefill_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
+def serving_quantize(dtype: str, device: str, cpu: CpuInfo | None = None) -> Quantize | None:
+    """int8 for a batching server on a CPU without native bf16 when neither --dtype nor --quantize
+    is given. Measured there (AVX2, havoc-small's matrices, 8 rows): fbgemm's int8 0.17 ms, packed
+    fp32 0.96 ms, emulated bf16 2.33 ms; a whole batch-8 step and one stream gain alike (docs/LOG.md),
+    for -0.1% perplexity on the demo model. With native bf16, bf16 stays (its 8-row matmuls are as
+    fast as fbgemm's there and exact to the checkpoint's bf16)."""
+    if dtype != "auto" or not device.startswith("cpu"):
+        return None
+    return None if (cpu or CpuInfo.detect()).native_bf16 else "int8"
+
+
+def prefill_dtype(weights: torch.dtype, device: torch.device, cpu: CpuInfo | None = None) -> torch.dtype:
     """The prefill is compute-bound: the weights' own dtype on accelerators and on CPUs with native
     bf16, fp32 on other CPUs, where bf16 matmuls are many times slower than fp32."""
     if device.type != "cpu" or weights == torch.float32:
         return weights
-    return torch.bfloat16 if weights == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+    native = (cpu or CpuInfo.detect()).native_bf16
+    return torch.bfloat16 if weights == torch.bfloat16 and native else torch.float32
 
 
-def training_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def training_dtype(dtype: str, device: torch.device, cpu: CpuInfo | None = None) -> torch.dtype:
     """The matmul dtype of training: ``auto`` is bf16 autocast on CUDA and on CPUs with native bf16
     (1.6x the fp32 training tokens/s on havoc-tiny and havoc-small here), else fp32."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if (cpu or CpuInfo.detect()).native_bf16 else torch.float32
     return parse_dtype(dtype)
 
 
-def should_pack(weights: torch.dtype, n_params: int, device: str, batching: bool) -> bool:
-    """Whether to keep a oneDNN-prepacked copy of the float matrices (CPU only): when batching,
-    and for small fp32 models (see ``PACK_FP32_SINGLE_BELOW``)."""
+def should_pack(weights: torch.dtype, n_params: int, device: str, batching: bool, cpu: CpuInfo | None = None) -> bool:
+    """Whether to keep a oneDNN-prepacked copy of the float matrices (CPU only): when batching, and
+    for small fp32 models (see ``PACK_FP32_SINGLE_BELOW``). bf16 matrices pack only where the CPU
+    has native bf16 (oneDNN has no packed emulated-bf16 path worth its copy)."""
     if not device.startswith("cpu"):
         return False
+    if weights == torch.bfloat16 and not (cpu or CpuInfo.detect()).native_bf16:
+        return False
     return batching or (weights == torch.float32 and n_params < PACK_FP32_SINGLE_BELOW)
+
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -96,29 +133,52 @@ class InferencePlan:
     weights: torch.dtype
     quantize: Quantize | None
     pack: bool
+    batching: bool = False
+    cpu: CpuInfo | None = None  # the CPU it was planned for (None off the CPU)
 
     @property
     def prefill(self) -> torch.dtype:
-        return prefill_dtype(self.weights, torch.device(self.device))
+        return prefill_dtype(self.weights, torch.device(self.device), self.cpu)
+
+    def kernels(self, rows: int) -> str:
+        """The matmul of a decode step of ``rows`` rows, as the engine runs it (``InferenceLinear``)."""
+        if self.quantize == "int4":
+            return "int4 (ATen int4pack)"
+        if self.quantize == "int8":
+            return "int8 (fbgemm)" if self.device.startswith("cpu") else "int8 (dequantised)"
+        name = NAMES[self.weights]
+        if not self.device.startswith("cpu"):
+            return name
+        if rows == 1 and not self.batching and self.weights != torch.float32:
+            return f"{name} (ATen)"  # a one-slot engine's half-precision rows: engine.slot_kernels
+        if self.pack:
+            return f"{name} packed (oneDNN)"
+        return "fp32 (MKL)" if self.weights == torch.float32 else f"{name} (oneDNN)"
 
     def describe(self) -> str:
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        kernels = {"int8": "int8 (fbgemm)", "int4": "int4 (ATen int4pack)"}
-        matrices = kernels.get(self.quantize or "", name[self.weights])
-        packed = ", prepacked weights (oneDNN)" if self.pack else ""
-        return f"{self.device}: weights {matrices}, prefill {name[self.prefill]}{packed}"
+        """E.g. "cpu (AVX2, no native bf16): decode int8 (fbgemm), batch int8 (fbgemm), prefill fp32"."""
+        where = f"{self.device} ({self.cpu})" if self.cpu else self.device
+        batch = f", batch {self.kernels(8)}" if self.batching else ""
+        return f"{where}: decode {self.kernels(1)}{batch}, prefill {NAMES[self.prefill]}"
 
 
 def plan_inference(n_params: int, *, device: str = "auto", dtype: str = "auto", quantize: Quantize | None = None,
-                   batching: bool = False, pack: bool | None = None) -> InferencePlan:
-    """The plan for a model of ``n_params`` parameters; explicit arguments win over ``auto``."""
+                   batching: bool = False, pack: bool | None = None, cpu: CpuInfo | None = None) -> InferencePlan:
+    """The plan for a model of ``n_params`` parameters on ``cpu`` (default: this machine's);
+    explicit arguments (the commands' --dtype, --quantize, --no-prepack) win over ``auto``."""
     if quantize not in (None, *QUANTIZE):
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
     device = pick_device(device)
-    if quantize == "int4" and not device.startswith("cpu"):
+    on_cpu = device.startswith("cpu")
+    if quantize == "int4" and not on_cpu:
         raise HavocError(f"quantize: int4 runs on the CPU only (ATen's int4pack CPU kernel), found device {device}; "
                          "use int8 or bf16 there")
-    weights = weights_dtype(dtype, n_params, device, quantize)
-    if pack is None:
-        pack = should_pack(weights, n_params, device, batching)
-    return InferencePlan(device, weights, quantize, pack and device.startswith("cpu"))
+    cpu = (cpu or CpuInfo.detect()) if on_cpu else None
+    if batching and quantize is None:
+        quantize = serving_quantize(dtype, device, cpu)
+    weights = weights_dtype(dtype, n_params, device, quantize, cpu=cpu)
+    if quantize:
+        pack = False  # quantized matrices keep their own kernels' layouts
+    elif pack is None:
+        pack = should_pack(weights, n_params, device, batching, cpu)
+    return InferencePlan(device, weights, quantize, pack and on_cpu, batching, cpu)
