@@ -3,7 +3,7 @@ files vs HAVOC's engine on the same checkpoint, same threads, in one process, in
 
 For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-token prompt (the
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
-512-token prefill. llama.cpp runs BF16, Q8_0 and Q4_0 files (F16 too with ``--f16``); HAVOC runs
+512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC runs
 bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 (bf16 activations, ATen's int4pack
 kernel) weights. Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
 hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
@@ -101,9 +101,9 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     cfg = model.config
     tok = HavocTokenizer.train(builtin_documents(), vocab_size=cfg.vocab_size, show_progress=False)
     ckpt = save_model(tmp / preset, model, tokenizer=tok)
-    kinds = ["bf16", "q8_0", "q4_0", *(["f16"] if args.f16 else [])]
+    kinds = ["bf16", "q8_0", "q4_0", "q4_k_m", *(["f16"] if args.f16 else [])]
     files = {k: export_gguf(ckpt, tmp / f"{preset}-{k}.gguf", k) for k in kinds}
-    repack = repack_works(files["q8_0"]) and repack_works(files["q4_0"])
+    repack = all(repack_works(files[k]) for k in ("q8_0", "q4_0", "q4_k_m"))
     if not repack:
         no_repack()
     llms = {k: llama_cpp.Llama(model_path=str(f), n_ctx=PREFILL_LEN + 64, n_batch=PREFILL_LEN,
@@ -123,7 +123,8 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     prefill |= {f"HAVOC {k}": havoc_prefill(m, long_prompt, args.prefill_repeat) for k, m in havoc.items()}
     for llm in llms.values():
         llm.close()
-    pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0"), ("HAVOC int4", "llama.cpp Q4_0")]
+    pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0"), ("HAVOC int4", "llama.cpp Q4_0"),
+             ("HAVOC int4", "llama.cpp Q4_K_M")]
     return {"params": cfg.num_parameters(), "llama_cpp_repack": repack,
             "decode_tokens_per_s": decode, "prefill_512_s": prefill,
             "decode_ratio": {f"{a} / {b}": decode[a] / decode[b] for a, b in pairs},

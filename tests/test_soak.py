@@ -58,9 +58,10 @@ def test_soak_64_clients_for_two_minutes(endless_checkpoint):
     _check(soak.soak(endless_checkpoint))
 
 
-@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.float32, None)], ids=["bf16", "int8", "fp32"])
+@pytest.mark.parametrize("dtype,quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.float32, None)],
+                         ids=["bf16", "int8", "fp32"])
 def test_seeded_replies_are_the_same_alone_or_batched(endless_checkpoint, dtype, quantize):
-    """bf16 (``havoc serve``'s choice on CPUs with native bf16) and int8 (its choice on CPUs without):
+    """bf16 (``havoc serve``'s choice on CPUs with native bf16), int8 (its choice on CPUs without) and fp32:
     admitted as a server admits them (a few at a time, into the slot with the longest cached
     prefix, prefilled together), decoded together at different positions, a third stopped early;
     each request's tokens equal its tokens alone. Before the fix most differed: bf16 attention over
