@@ -347,6 +347,9 @@ def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
     for name, linear in linears:
         out_f, in_f = linear.weight.shape
         int4 = f"{name}.qweight" in state
+        if int4 and in_f % InferenceLinear.INT4_GROUP:
+            raise CheckpointError(f"{path}: {name}.qweight: a {out_f}x{in_f} matrix has no whole groups of "
+                                  f"{InferenceLinear.INT4_GROUP} inputs; expected its int8 form (weight, scale)")
         groups = in_f // InferenceLinear.INT4_GROUP
         int4_parts = {"qweight": ((out_f, in_f // 2), torch.uint8), "qscale": ((groups, out_f, 2), torch.bfloat16)}
         int8_parts = {"weight": ((out_f, in_f), torch.int8), "scale": ((out_f,), torch.float32)}

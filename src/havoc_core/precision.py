@@ -6,7 +6,10 @@ docs/LOG.md; in short, on CPU:
 - native bf16 (AVX512-BF16/AMX) makes bf16 matmuls ~2x fp32's rate: bf16 everywhere;
 - without it, bf16 matmuls are emulated and several times slower than fp32: compute-bound work
   (prefill, training) runs fp32, memory-bound decoding stores bf16 only where the bytes dominate
-  (from ~50M parameters), and int8 matrices take fp32 activations (fbgemm's kernel).
+  (from ~50M parameters), a batching server stores int8 (fbgemm's kernel, fp32 activations: its
+  8-row products are 5x packed fp32's there).
+The CPU is described by ``CpuInfo`` (what torch runs on: ``ATEN_CPU_CAPABILITY`` and
+``ONEDNN_MAX_CPU_ISA`` lower it), so the policy can be checked on CPUs this machine is not.
 """
 
 from __future__ import annotations
