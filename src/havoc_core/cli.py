@@ -1,6 +1,7 @@
 """``havoc <command>``: argument parsing only; the work lives in the modules.
 
-Every ``HavocError`` becomes one ``error: ...`` line on stderr and exit status 2.
+Every ``HavocError`` becomes one ``error: ...`` line on stderr and exit status 2. It is long because
+every command's flags and their help live here, one block per command, and nowhere else.
 """
 
 from __future__ import annotations

@@ -12,12 +12,11 @@ lengths join and leave between decode steps (continuous batching)::
     engine.result(slot)                   # Completion(ids, text, finish_reason, ...)
     engine.remove(slot)                   # free it (or keep it: add(..., slot=slot) reuses its cache)
 
-``add`` prefills only the part of a prompt that the slot's cache does not already hold (a chat turn
-prefills its new tokens only). ``Event.text`` is always whole UTF-8 characters and never runs into
-a stop string. ``generate`` (many prompts -> completions, queueing beyond ``max_batch``) and
-``stream`` (text deltas of one request) drive the engine themselves; a server calls
-``add``/``step``/``remove`` from one thread. The engine never changes the model it is given: prepare
-it first (``inference.prepare_model``: dtypes, kernels). ``SamplingParams.json_schema``: grammar.py.
+``add`` prefills only what the slot's cache does not already hold (a chat turn: its new tokens).
+``Event.text`` is whole UTF-8 characters, never into a stop string. ``generate`` (prompts ->
+completions, queueing beyond ``max_batch``) and ``stream`` (text deltas of one request) drive the
+engine; a server calls ``add``/``step``/``remove`` from one thread. The model is never changed:
+prepare it first (``inference.prepare_model``). ``SamplingParams.json_schema``: grammar.py.
 """
 
 from __future__ import annotations
@@ -272,8 +271,6 @@ class Engine:
         tops = _top(lp, top)
         return [None] + [TokenLogprob(t, v, k) for t, v, k in zip(ids[1:], picked, tops, strict=True)]
 
-    # ------------------------------------------------------------------ drivers
-
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                slot: int | None = None) -> Iterator[str]:
         """Text deltas of one request; leaving the loop early (or Ctrl-C) ends the request.
@@ -367,20 +364,17 @@ class Engine:
         """Logits [len(rows), V] after each (slot, new ids, start) row's last new token, in passes of
         at most ``PREFILL_TOKENS`` padded tokens (which bounds a pass's activations)."""
         out, group = [], []
-        for row in rows:
-            width = max(len(r[1]) for r in [*group, row])
-            if group and (len(group) + 1) * width > self.PREFILL_TOKENS:
-                out.append(self._prefill_pass(group))
-                group = []
-            group.append(row)
-        out.append(self._prefill_pass(group))
+        with slot_kernels(self.model, len(self.slots)) if len(self.slots) > 1 else nullcontext():
+            for row in rows:
+                width = max(len(r[1]) for r in [*group, row])
+                if group and (len(group) + 1) * width > self.PREFILL_TOKENS:
+                    out.append(self._prefill_pass(group))
+                    group = []
+                group.append(row)
+            out.append(self._prefill_pass(group))
         return torch.cat(out).float().cpu()
 
     def _prefill_pass(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
-        with slot_kernels(self.model, len(self.slots)) if len(self.slots) > 1 else nullcontext():
-            return self._prefill_rows_in_one_pass(rows)
-
-    def _prefill_rows_in_one_pass(self, rows: list[tuple[int, list[int], int]]) -> Tensor:
         """Several rows go right-padded through one forward pass: padding keys land past each row's
         own tokens, where the causal mask hides them until decoding overwrites them. Rows too uneven
         to pad (more than half padding) or too close to the context's end take a pass each."""
@@ -415,40 +409,27 @@ class Engine:
 
 
 def slot_kernels(model: HavocModel, rows: int) -> AbstractContextManager[Any]:
-    """The matmul backends of an engine of ``rows`` slots. One row of half-precision weights on CPU
-    is a matrix-vector product, and ATen's kernel for it beats oneDNN's (every bf16 matmul's while
-    oneDNN is on): 1.2-2.5x on havoc-tiny's and havoc-small's matrices (docs/LOG.md), a third of a
-    havoc-tiny step. ``mv``, ``mm`` and ``linear`` check one switch, so a step runs with it off
-    (``torch.backends.mkldnn.flags`` warns about TF32 on every call). Batching engines and fp32 keep
-    oneDNN (2-4x faster for several rows), for one row too: ATen's kernel rounds differently, and a
-    seeded request must get the same tokens alone or batched; for the same reason they round int8
-    activations row by row (``InferenceLinear._int8``)."""
+    """The matmul backends of an engine of ``rows`` slots. A one-slot engine runs a half-precision
+    row on ATen's matrix-vector kernel (1.2-2.5x oneDNN's on havoc-tiny/small, docs/LOG.md; ``mv``,
+    ``mm`` and ``linear`` check one switch). Batching engines keep oneDNN (2-4x faster for several
+    rows) for single rows too and round int8 activations row by row (``InferenceLinear._int8``):
+    a seeded request must get the same tokens alone or batched."""
     w = model.embed.weight
     if rows > 1:
-        return _int8_same_in_any_batch()
+        return _setting(InferenceLinear, "same_in_any_batch", True)
     if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
-        return _onednn_off()
+        return _setting(torch.backends.mkldnn, "enabled", False)
     return nullcontext()
 
 
 @contextmanager
-def _onednn_off() -> Iterator[None]:
-    old = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+def _setting(owner: Any, name: str, value: bool) -> Iterator[None]:
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = old
-
-
-@contextmanager
-def _int8_same_in_any_batch() -> Iterator[None]:
-    old = InferenceLinear.same_in_any_batch
-    InferenceLinear.same_in_any_batch = True
-    try:
-        yield
-    finally:
-        InferenceLinear.same_in_any_batch = old
+        setattr(owner, name, old)
 
 
 def _top(lp: Tensor, k: int) -> list[list[tuple[int, float]]]:
