@@ -228,7 +228,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters)")
+                   help="weight storage (auto: bf16 on GPU and native-bf16 CPUs, elsewhere from 50M parameters; "
+                   "serve on CPUs without native bf16: int8)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per row) or int4 (groups of 32) weights: "
                    "faster CPU decode, slightly other logits")
 

@@ -364,7 +364,7 @@ class Engine:
         """Logits [len(rows), V] after each (slot, new ids, start) row's last new token, in passes of
         at most ``PREFILL_TOKENS`` padded tokens (which bounds a pass's activations)."""
         out, group = [], []
-        with slot_kernels(self.model, len(self.slots)) if len(self.slots) > 1 else nullcontext():
+        with _setting(InferenceLinear, "same_in_any_batch", len(self.slots) > 1):  # (oneDNN stays on: many rows)
             for row in rows:
                 width = max(len(r[1]) for r in [*group, row])
                 if group and (len(group) + 1) * width > self.PREFILL_TOKENS:
