@@ -19,14 +19,16 @@ def test_config_resolves_head_and_rotary_dims():
 
 
 def test_rope_angles_are_position_times_frequency():
-    """cos/sin at position p, pair j: cos(p * theta^(-2j/r)) in float32, whatever the output dtype."""
+    """cos/sin at position p, pair j: cos(p * theta^(-2j/r)) in float32, whatever the output dtype;
+    the tables hold (cos, cos) and (-sin, sin)."""
     positions = torch.tensor([0, 1, 7, 1023])
     cos, sin = rope_cos_sin(positions, rotary_dim=8, theta=10000.0, dtype=torch.float32)
     for i, p in enumerate(positions.tolist()):
         for j in range(4):
             angle = p * 10000.0 ** (-2 * j / 8)
-            assert math.isclose(cos[i, j].item(), math.cos(angle), abs_tol=1e-4)
-            assert math.isclose(sin[i, j].item(), math.sin(angle), abs_tol=1e-4)
+            assert math.isclose(cos[i, 0, j].item(), math.cos(angle), abs_tol=1e-4)
+            assert math.isclose(sin[i, 1, j].item(), math.sin(angle), abs_tol=1e-4)
+    assert torch.equal(cos[:, 0], cos[:, 1]) and torch.equal(sin[:, 0], -sin[:, 1])
     half, _ = rope_cos_sin(positions, 8, 10000.0, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), cos, atol=1e-2)
 
@@ -39,6 +41,18 @@ def test_rope_rotates_pairs_and_keeps_partial_channels():
     norms = (x[..., :3] ** 2 + x[..., 3:6] ** 2), (y[..., :3] ** 2 + y[..., 3:6] ** 2)
     torch.testing.assert_close(norms[1], norms[0])  # a rotation keeps each pair's length
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0: no rotation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_rotate_half_bit_for_bit(dtype):
+    """The 4-op rotation gives exactly (x1 cos - x2 sin, x2 cos + x1 sin), per row positions too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16).to(dtype)
+    positions = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    cos, sin = rope_cos_sin(positions, 16, 10000.0, dtype)
+    c, s = cos[:, None, :, 0], sin[:, None, :, 1]
+    x1, x2 = x[..., :8], x[..., 8:]
+    assert torch.equal(apply_rope(x, cos[:, None], sin[:, None]), torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1))
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 2), (8, 1), (4, 4)])

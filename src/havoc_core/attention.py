@@ -39,24 +39,26 @@ class AttentionConfig:
 
 
 def rope_cos_sin(positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin of every position's angles, [..., T, rotary_dim // 2], computed in float32 from the
-    positions themselves: no table sized by the context length (an absurd max_seq_len allocates
-    nothing), and the angles stay exact whatever dtype the model was cast to."""
+    """The rotation tables of every position, [..., T, 2, rotary_dim // 2]: cos as (cos, cos) and sin
+    as (-sin, sin), so that ``apply_rope`` rotates both halves in three arithmetic ops. Computed in
+    float32 from the positions themselves: no table sized by the context length (an absurd
+    max_seq_len allocates nothing), and the angles stay exact whatever dtype the model was cast to."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
                                 / rotary_dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([cos, cos], -2).to(dtype), torch.stack([-sin, sin], -2).to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` channels of x [B, H, T, D] ("rotate-half" pairing,
-    as in Llama/HF); the remaining channels (partial rotary) pass through unchanged."""
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    if rest.shape[-1]:
-        rotated.append(rest)
-    return torch.cat(rotated, dim=-1)
+    """Rotate the first ``rotary_dim`` channels of x [B, H, T, D] ("rotate-half" pairing, as in
+    Llama/HF: channel j with j + rotary_dim / 2); the remaining channels (partial rotary) pass
+    through. With the tables of ``rope_cos_sin`` this is (x1 cos - x2 sin, x2 cos + x1 sin) exactly,
+    in 4 ops instead of 10: a decode step pays per op, not per element."""
+    rotary = 2 * cos.shape[-1]
+    pairs = (x if rotary == x.shape[-1] else x[..., :rotary]).unflatten(-1, (2, rotary // 2))
+    y = (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
+    return y if rotary == x.shape[-1] else torch.cat([y, x[..., rotary:]], dim=-1)
 
 
 class LayerCache(Protocol):
@@ -97,7 +99,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None,
                 mask: Tensor | None = None) -> Tensor:
-        """x [B, T, d_model]; cos/sin [T, r/2] or [B, 1, T, r/2]; mask: bool, True = may attend,
+        """x [B, T, d_model]; cos/sin [T, 2, r/2] or [B, 1, T, 2, r/2]; mask: bool, True = may attend,
         broadcastable to [B, H, T, S]. Without a mask the attention is causal."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim

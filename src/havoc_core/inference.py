@@ -39,6 +39,9 @@ from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_nati
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
 INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 ranges tried per group (clipping outliers can pay)
+# fbgemm's int8 product as the C++ operator itself: the torch.ops wrapper scans every call's
+# arguments for fake script objects (3 Python calls per product, ~2% of a havoc-small step)
+_LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic, "_op", torch.ops.quantized.linear_dynamic)
 
 
 class InferenceLinear(nn.Module):
@@ -149,15 +152,16 @@ class InferenceLinear(nn.Module):
         if x.device.type != "cpu" or not self._fbgemm_ready():
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        rows = x.reshape(-1, x.shape[-1]).float()
-        if rows.shape[0] == 1 and not InferenceLinear.same_in_any_batch:
-            y = torch.ops.quantized.linear_dynamic(rows, self._fbgemm, True)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if x.numel() == x.shape[-1] and not InferenceLinear.same_in_any_batch:
+            y = _LINEAR_DYNAMIC(x32, self._fbgemm, True)  # (any leading dims of size 1)
         else:
+            rows = x32.reshape(-1, x.shape[-1])
             size = rows.abs().amax(-1, keepdim=True).clamp(min=1e-30)
-            y = torch.ops.quantized.linear_dynamic(torch.cat([rows / size, self._anchor]), self._fbgemm, True)
-            y = y[:-1] * size
+            y = _LINEAR_DYNAMIC(torch.cat([rows / size, self._anchor]), self._fbgemm, True)
+            y = (y[:-1] * size).view(*x.shape[:-1], -1)
         y = y if self.bias is None else y + self.bias.float()
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int4(self, x: Tensor) -> Tensor:
         """ATen's int4 kernel on bf16 activations (on fp32 ones it measured several times slower)."""
@@ -187,12 +191,12 @@ class CastRMSNorm(nn.RMSNorm):
     """RMSNorm that follows the activations' dtype (bf16 weights inside an fp32 prefill)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         if x.dtype == torch.float32:
-            weight = None if self.weight is None else self.weight.float()
-            return F.rms_norm(x, self.normalized_shape, weight, self.eps)
-        h = x.float()  # half precision: normalise in fp32, scale in x's dtype (as HF Llama)
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return h if self.weight is None else h * self.weight.to(x.dtype)
+            return F.rms_norm(x, self.normalized_shape, w, self.eps)
+        # half precision: normalise in fp32, scale in x's dtype (as HF Llama)
+        h = F.rms_norm(x.float(), self.normalized_shape, None, self.eps).to(x.dtype)
+        return h if w is None else h * w
 
 
 def quantize_matrix(weight: Tensor, quantize: Quantize) -> dict[str, Tensor]:

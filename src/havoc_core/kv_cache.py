@@ -120,7 +120,8 @@ class LayerView:
             ck, cv = self.k[self.rows], self.v[self.rows]
             ck[:, :, self.start : self.length] = k
             cv[:, :, self.start : self.length] = v
-            return ck[:, :, : self.length].to(k.dtype), cv[:, :, : self.length].to(v.dtype)
+            ck, cv = ck[:, :, : self.length], cv[:, :, : self.length]
+            return (ck, cv) if ck.dtype == k.dtype else (ck.to(k.dtype), cv.to(v.dtype))
         rows = self.rows if isinstance(self.rows, Tensor) else torch.arange(self.rows.start, self.rows.stop,
                                                                             device=k.device)
         cols = self.start[:, None] + torch.arange(k.shape[2], device=k.device)

@@ -45,4 +45,5 @@ class GatedMLP(nn.Module):
             gate, up = self.w1(x), self.w3(x)
         else:
             gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.dropout(self.w2(self.act(gate) * up))
+        y = self.w2(self.act(gate) * up)
+        return self.dropout(y) if self.training else y

@@ -32,7 +32,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None,
                 mask: Tensor | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, mask))
+        h = self.attn(self.attn_norm(x), cos, sin, cache, mask)
+        x = x + (self.dropout(h) if self.training else h)  # (a decode step skips the no-op call)
         return x + self.mlp(self.mlp_norm(x))
 
 
