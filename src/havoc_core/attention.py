@@ -113,11 +113,14 @@ class Attention(nn.Module):
             q, k = apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin).split([H, Hkv], dim=1)
             v = v.view(B, T, Hkv, D).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v)  # (in the cache's dtype)
         # Inference on CPU attends in fp32: a bf16 kernel's result for a query depends on the queries
         # and keys beside it in the call, so a prompt prefilled whole or after a cached prefix
         # differed (76 of 577 splits of havoc-tiny prompts; in fp32 none), and with it a seeded reply
         up = cache is not None and q.dtype != torch.float32 and q.device.type == "cpu"
+        out_dtype, q = q.dtype, q.float() if up else q
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if cache is not None and cache.runs is not None:
             # Each run of rows over exactly its own keys and queries, as alone: one call over the
             # longest row, the others' padding masked, rounds differently, so a seeded request's
@@ -125,16 +128,15 @@ class Attention(nn.Module):
             # seeded replies). Padding queries get zeros (their outputs are never read).
             parts = []
             for b, e, s, n, m in cache.runs:
-                y = self._attend(q[b:e, :, :n], k[b:e, :, : s + n], v[b:e, :, : s + n], m, n, up)
+                y = self._attend(q[b:e, :, :n], k[b:e, :, : s + n], v[b:e, :, : s + n], m, n)
                 parts.append(y if n == T else F.pad(y, (0, 0, 0, T - n)))
             y = torch.cat(parts)
         else:
-            y = self._attend(q, k, v, mask, T, up)
+            y = self._attend(q, k, v, mask, T)
+        y = y if y.dtype == out_dtype else y.to(out_dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, T: int, fp32: bool = False) -> Tensor:
-        if fp32:
-            return self._attend(q.float(), k.float(), v.float(), mask, T).to(q.dtype)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, T: int) -> Tensor:
         B, H, _, D = q.shape
         Hkv = k.shape[1]
         groups = H // Hkv

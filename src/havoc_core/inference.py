@@ -166,9 +166,10 @@ class InferenceLinear(nn.Module):
     def _int4(self, x: Tensor) -> Tensor:
         """ATen's int4 kernel on bf16 activations (on fp32 ones it measured several times slower)."""
         packed, scales_zeros = self.int4  # type: ignore[misc]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.INT4_GROUP, scales_zeros)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1) if y.dtype == x.dtype else y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _fbgemm_ready(self) -> bool:

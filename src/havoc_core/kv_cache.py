@@ -107,9 +107,8 @@ def _after(start: int, T: int, device: torch.device) -> Tensor | None:
 
 
 class LayerView:
-    """One layer's keys/values for one pass: writes the new ones at each row's position and returns
-    what the queries attend to (positions [0, length)), in the new keys' dtype, so a bf16 cache also
-    serves an fp32 prefill."""
+    """One layer's keys/values for one pass: writes the new ones at each row's position (in the
+    cache's dtype) and returns what the queries attend to (positions [0, length)), as stored."""
 
     def __init__(self, k: Tensor, v: Tensor, rows: slice | Tensor, start: int | Tensor, length: int,
                  runs: list[tuple[int, int, int, int, Tensor | None]] | None = None) -> None:
@@ -120,14 +119,12 @@ class LayerView:
             ck, cv = self.k[self.rows], self.v[self.rows]
             ck[:, :, self.start : self.length] = k
             cv[:, :, self.start : self.length] = v
-            ck, cv = ck[:, :, : self.length], cv[:, :, : self.length]
-            return (ck, cv) if ck.dtype == k.dtype else (ck.to(k.dtype), cv.to(v.dtype))
+            return ck[:, :, : self.length], cv[:, :, : self.length]
         rows = self.rows if isinstance(self.rows, Tensor) else torch.arange(self.rows.start, self.rows.stop,
                                                                             device=k.device)
         cols = self.start[:, None] + torch.arange(k.shape[2], device=k.device)
         self.k[rows[:, None], :, cols] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows[:, None], :, cols] = v.transpose(1, 2).to(self.v.dtype)
         if isinstance(self.rows, slice):  # contiguous rows: a view, no copy
-            return (self.k[self.rows, :, : self.length].to(k.dtype), self.v[self.rows, :, : self.length].to(v.dtype))
-        return (self.k[:, :, : self.length].index_select(0, rows).to(k.dtype),
-                self.v[:, :, : self.length].index_select(0, rows).to(v.dtype))
+            return self.k[self.rows, :, : self.length], self.v[self.rows, :, : self.length]
+        return self.k[:, :, : self.length].index_select(0, rows), self.v[:, :, : self.length].index_select(0, rows)
