@@ -34,7 +34,7 @@ from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.checkpoint import save_model
 from havoc_core.gguf_export import export_gguf
 from havoc_core.inference import prepare_model
-from havoc_core.precision import cpu_has_native_bf16
+from havoc_core.precision import AVX2_EMULATION, cpu_has_native_bf16
 from havoc_core.tokenizer import HavocTokenizer
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {"threads": args.threads, "native_bf16": cpu_has_native_bf16(), "llama_cpp_python": llama_cpp.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "isa_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}}
+               "isa_env": {k: os.environ.get(k) for k in AVX2_EMULATION}}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for preset in args.presets:
             results[preset] = bench_preset(preset, args, Path(tmp))

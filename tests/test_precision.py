@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from havoc_core import HavocError
-from havoc_core.precision import CpuInfo, plan_inference, training_dtype
+from havoc_core.precision import AVX2_EMULATION, CpuInfo, plan_inference, training_dtype
 
 AVX512 = CpuInfo("AVX512", native_bf16=True)
 AVX2 = CpuInfo("AVX2", native_bf16=False)
@@ -81,11 +81,11 @@ def test_the_plan_says_what_it_chose():
 
 def test_this_machine_is_described_as_torch_runs_it():
     """The description is read from torch, so the AVX2 emulation the benchmarks use (ATen's AVX2
-    kernels, oneDNN capped at AVX2) is seen as an AVX2 CPU without native bf16."""
+    kernels, oneDNN and fbgemm capped at AVX2) is seen as an AVX2 CPU without native bf16."""
     here = CpuInfo.detect()
     assert here.capability == torch.backends.cpu.get_cpu_capability()
     code = "from havoc_core.precision import CpuInfo; print(CpuInfo.detect())"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, **AVX2_EMULATION}
     emulated = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     if here.capability in ("AVX2", "AVX512"):  # x86: the emulation applies
         assert emulated.stdout.strip() == "AVX2, no native bf16"

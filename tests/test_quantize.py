@@ -19,6 +19,7 @@ from havoc_core.engine import Engine
 from havoc_core.errors import HavocError
 from havoc_core.inference import load
 from havoc_core.integrity import MANIFEST_FILE
+from havoc_core.precision import AVX2_EMULATION
 from havoc_core.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
@@ -37,10 +38,11 @@ def float_checkpoint(tiny_model, tok, tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("float") / "ckpt", model, tokenizer=tok)
 
 
-def run(checkpoint: Path, **kwargs) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and the prefill's logits through the engine, as `havoc chat` would load it."""
+def run(checkpoint: Path, slots: int = 1, **kwargs) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the prefill's logits through an engine of ``slots`` slots, as `havoc chat`
+    (one slot) or `havoc serve` (several) would load it."""
     loaded = load(checkpoint, device="cpu", **kwargs)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=slots)
     ids = loaded.tokenizer.encode(PROMPT)
     with torch.inference_mode():
         logits = engine._prefill_rows([(0, ids, 0)])
@@ -73,6 +75,24 @@ def test_quantized_checkpoint_loads_as_stored_on_another_cpu_kind(float_checkpoi
     ratio = (out / WEIGHTS_FILE).stat().st_size / (float_checkpoint / WEIGHTS_FILE).stat().st_size
     assert ratio < (0.35 if method == "int4" else 0.55)
     assert havoc("inspect", str(out), "--verify").returncode == 0  # its checksums.json covers it
+
+
+@pytest.mark.parametrize("slots", [1, 4])
+def test_int8_gives_the_same_logits_on_an_avx2_cpu(float_checkpoint, tmp_path, slots):
+    """fbgemm picks its int8 kernels by CPU (AVX-512 VNNI here, AVX2's pairwise 16-bit products on
+    older CPUs): with 7-bit activations (``reduce_range``) both sum exact integer products, so a
+    chat (one slot: plain rows) and a server (row-wise ranges, ``InferenceLinear._int8``) give the
+    same logits and tokens, bit for bit, under this machine's kernels and under AVX2 emulation."""
+    out = tmp_path / "avx2.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from test_quantize import run; "
+            "torch.save(run(sys.argv[2], int(sys.argv[3]), quantize='int8'), sys.argv[4])")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(float_checkpoint), str(slots),
+                           str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, **AVX2_EMULATION})
+    assert done.returncode == 0, done.stderr
+    tokens, logits = torch.load(out)
+    expected_tokens, expected_logits = run(float_checkpoint, slots, quantize="int8")
+    assert tokens == expected_tokens
+    assert torch.equal(logits, expected_logits)
 
 
 def test_quantized_checkpoint_is_refused_where_float_weights_are_needed(float_checkpoint, tmp_path):

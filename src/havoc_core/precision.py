@@ -10,6 +10,8 @@ docs/LOG.md; in short, on CPU:
   8-row products are 5x packed fp32's there).
 The CPU is described by ``CpuInfo`` (what torch runs on: ``ATEN_CPU_CAPABILITY`` and
 ``ONEDNN_MAX_CPU_ISA`` lower it), so the policy can be checked on CPUs this machine is not.
+``AVX2_EMULATION`` makes an AVX-512 machine run every kernel library torch uses as on an AVX2 CPU
+without native bf16 (fbgemm reads its own variable: without it, int8 runs AVX-512 VNNI kernels).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ BF16_DECODE_FROM = 50_000_000  # parameters from which bf16 storage pays off on 
 # A prepacked copy of the matrices (oneDNN's blocked layout) speeds up batched decode steps 1.3-1.7x;
 # a single fp32 stream gains ~10-20%, worth the second copy of the weights on small models only.
 PACK_FP32_SINGLE_BELOW = 50_000_000
+AVX2_EMULATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def cpu_has_native_bf16() -> bool:
