@@ -36,9 +36,16 @@ from havoc_core.errors import CheckpointError, HavocError
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
 from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference, weights_dtype
+from havoc_core.quantized import (
+    INT4_GROUP,
+    head_quantize,
+    int4_kernel_layout,
+    quantize_matrix,
+    stored_quantization,
+    take,
+)
 from havoc_core.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
-INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 ranges tried per group (clipping outliers can pay)
 # fbgemm's int8 product as the C++ operator itself: the torch.ops wrapper scans every call's
 # arguments for fake script objects (3 Python calls per product, ~2% of a havoc-small step)
 _LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic, "_op", torch.ops.quantized.linear_dynamic)
@@ -46,7 +53,7 @@ _LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic, "_op", torch.ops.q
 
 class InferenceLinear(nn.Module):
     """A frozen linear layer stored for decoding: its weight in bf16/fp16/fp32, int8 with one
-    scale per output row, or int4 in groups of ``INT4_GROUP`` inputs with a scale and a zero each.
+    scale per output row, or int4 in groups of ``quantized.INT4_GROUP`` inputs with a scale and a zero each.
     It computes in the activations' dtype: a float prefill may upcast the weight on the fly, a
     decode step reads the stored bytes once.
 
@@ -61,7 +68,6 @@ class InferenceLinear(nn.Module):
       blocked layout."""
 
     same_in_any_batch: ClassVar[bool] = False  # int8 rows rounded alike in any batch (set by a batching engine)
-    INT4_GROUP = 32  # inputs sharing one int4 scale and zero (as llama.cpp's Q4_0 blocks)
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, quantize: Quantize | None = None,
                  dtype: torch.dtype | None = None, *, parts: dict[str, Tensor] | None = None) -> None:
@@ -75,7 +81,7 @@ class InferenceLinear(nn.Module):
         self.int4: tuple[Tensor, Tensor] | None = None  # (packed weight, scales and zeros) for int4
         scale = parts.get("scale")
         if "qweight" in parts:  # the kernel's own layout is made here: it differs between CPU kinds
-            self.int4 = (_int4_kernel_layout(parts["qweight"]), parts["qscale"].to(torch.bfloat16).contiguous())
+            self.int4 = (int4_kernel_layout(parts["qweight"]), parts["qscale"].to(torch.bfloat16).contiguous())
             weight = torch.empty(0, dtype=dtype, device=parts["qweight"].device)
         elif scale is not None:
             weight = parts["weight"]
@@ -168,7 +174,7 @@ class InferenceLinear(nn.Module):
         packed, scales_zeros = self.int4  # type: ignore[misc]
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.INT4_GROUP, scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
         y = y.view(*x.shape[:-1], -1) if y.dtype == x.dtype else y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -200,48 +206,6 @@ class CastRMSNorm(nn.RMSNorm):
         return h if w is None else h * w
 
 
-def quantize_matrix(weight: Tensor, quantize: Quantize) -> dict[str, Tensor]:
-    """The stored form of a matrix [out, in], the same on every machine and torch build (what
-    ``havoc quantize`` writes):
-    - int8: ``weight`` int8 [out, in] and ``scale`` fp32 [out], one symmetric scale per row;
-    - int4: ``qweight`` uint8 [out, in / 2], codes 0..15 (input 2j in the low nibble, 2j + 1 in
-      the high one), and ``qscale`` bf16 [in / 32, out, 2], a (scale, zero) per group of 32 inputs:
-      code q stands for (q - 8) x scale + zero. A matrix whose inputs are no whole number of
-      groups is stored int8 instead.
-    Each int4 group's range is its min..max shrunk by the factor (of ``INT4_SHRINK``) with the least
-    squared error, and the codes are rounded against the bf16 scale and zero actually used."""
-    group = InferenceLinear.INT4_GROUP
-    if quantize == "int8" or weight.shape[1] % group:
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        return {"weight": (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), "scale": scale}
-    w = weight.detach().float().view(weight.shape[0], -1, group)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    best: tuple[Tensor, Tensor, Tensor] | None = None
-    for shrink in INT4_SHRINK:
-        mid, half = (hi + lo) / 2, (hi - lo) / 2 * shrink
-        scale = (2 * half / 15).clamp(min=1e-8).bfloat16().float()
-        zero = (mid - half + 8 * scale).bfloat16().float()
-        codes = ((w - zero) / scale + 8).round().clamp(0, 15)
-        error = ((codes - 8) * scale + zero - w).pow(2).sum(-1, keepdim=True)
-        if best is None:
-            best = (error, codes, torch.cat([scale, zero], -1))
-        else:
-            better = error < best[0]
-            best = (torch.where(better, error, best[0]), torch.where(better, codes, best[1]),
-                    torch.where(better, torch.cat([scale, zero], -1), best[2]))
-    _, codes, scales_zeros = best  # type: ignore[misc]
-    q = codes.to(torch.uint8).view(weight.shape[0], -1, 2)
-    return {"qweight": q[..., 0] | (q[..., 1] << 4), "qscale": scales_zeros.transpose(0, 1).contiguous().bfloat16()}
-
-
-def _int4_kernel_layout(qweight: Tensor) -> Tensor:
-    """ATen's packed layout of int4 codes: it depends on the CPU kind (AVX2 and AVX-512 builds
-    interleave differently), so it is made at load time and never stored."""
-    codes = torch.stack([qweight & 15, qweight >> 4], -1).view(qweight.shape[0], -1).to(torch.int32)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-
-
 def _version(t: Tensor) -> int | None:
     """A tensor's in-place version counter (None for inference tensors, which have none)."""
     try:
@@ -259,17 +223,17 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     if quantize not in (None, *QUANTIZE):
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
     model.eval().requires_grad_(False).to(dtype)
-    head_quantize = _head_quantize(quantize)
+    head_method = head_quantize(quantize)
     _inference_layout(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) or (isinstance(child, InferenceLinear) and child.scale is None
                                                 and child.int4 is None):
-                head = module is model and name == "lm_head"
-                setattr(module, name, InferenceLinear(child.weight, child.bias, head_quantize if head else quantize,
+                is_head = module is model and name == "lm_head"
+                setattr(module, name, InferenceLinear(child.weight, child.bias, head_method if is_head else quantize,
                                                       dtype))
     if model.lm_head is None:  # tied: shares the embedding's storage, or a quantized copy
-        model.lm_head = InferenceLinear(model.embed.weight, None, head_quantize, dtype)
+        model.lm_head = InferenceLinear(model.embed.weight, None, head_method, dtype)
     if pack:
         for module in model.modules():
             if isinstance(module, InferenceLinear):
@@ -288,12 +252,6 @@ def _inference_layout(model: HavocModel) -> None:
             module.__class__ = CastRMSNorm
 
 
-def _head_quantize(quantize: Quantize | None) -> Quantize | None:
-    """The output head stays int8 under int4 (as llama.cpp keeps it at 6-8 bits in its 4-bit files):
-    on the demo model an int4 head alone moved perplexity by ~2% (docs/LOG.md)."""
-    return "int8" if quantize == "int4" else quantize
-
-
 def quantize_checkpoint(source: str | Path, out: str | Path, quantize: Quantize) -> Path:
     """Write ``source``'s model quantized (``quantize_matrix``'s portable parts of every matrix, q/k/v
     and gate/up fused) with its config and tokenizer to ``out``, with a
@@ -309,32 +267,14 @@ def quantize_checkpoint(source: str | Path, out: str | Path, quantize: Quantize)
     state = {name: p for name, p in model.named_parameters()}  # embedding and norms
     for name, module in model.named_modules():
         if isinstance(module, InferenceLinear):
-            parts = quantize_matrix(module.weight, _head_quantize(quantize) if name == "lm_head" else quantize)
+            parts = quantize_matrix(module.weight, head_quantize(quantize) if name == "lm_head" else quantize)
             state.update({f"{name}.{k}": v for k, v in parts.items()})
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias
-    info = {"method": quantize, "group_size": InferenceLinear.INT4_GROUP, "head": _head_quantize(quantize),
+    info = {"method": quantize, "group_size": INT4_GROUP, "head": head_quantize(quantize),
             "source": str(ckpt)}
     return save_checkpoint(out, state, model.config, tokenizer=tokenizer,
                            extra_files={QUANTIZATION_FILE: json.dumps(info, indent=2) + "\n"})
-
-
-def stored_quantization(ckpt: Path) -> Quantize | None:
-    """The method of a quantized checkpoint (its quantization.json), None for a float one."""
-    path = ckpt / QUANTIZATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    method = info.get("method") if isinstance(info, dict) else None
-    if method not in QUANTIZE:
-        raise CheckpointError(f"{path}: method: expected {' or '.join(QUANTIZE)}, found {method!r}")
-    if info.get("group_size") != InferenceLinear.INT4_GROUP:
-        raise CheckpointError(f"{path}: group_size: expected {InferenceLinear.INT4_GROUP}, "
-                              f"found {info.get('group_size')!r}")
-    return method
 
 
 def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
@@ -353,7 +293,7 @@ def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if model.lm_head is None:
         linears.append(("lm_head", nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device="meta")))
-    group = InferenceLinear.INT4_GROUP
+    group = INT4_GROUP
     for name, linear in linears:
         out_f, in_f = linear.weight.shape
         int4 = f"{name}.qweight" in state
@@ -364,30 +304,18 @@ def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
         expected = ({"qweight": ((out_f, in_f // 2), torch.uint8),
                      "qscale": ((in_f // group, out_f, 2), torch.bfloat16)} if int4 else
                     {"weight": ((out_f, in_f), torch.int8), "scale": ((out_f,), torch.float32)})
-        parts = {part: _take(state, path, f"{name}.{part}", shape, part_dtype, form)
+        parts = {part: take(state, path, f"{name}.{part}", shape, part_dtype, form)
                  for part, (shape, part_dtype) in expected.items()}
-        bias = None if linear.bias is None else _take(state, path, f"{name}.bias", (out_f,), None, form)
+        bias = None if linear.bias is None else take(state, path, f"{name}.bias", (out_f,), None, form)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, InferenceLinear(None, bias, dtype=dtype,
                                                                                        parts=parts))
-    floats = {name: _take(state, path, name, p.shape, None, "embedding or norm").to(dtype)
+    floats = {name: take(state, path, name, p.shape, None, "embedding or norm").to(dtype)
               for name, p in model.named_parameters()}
     if state:
         raise CheckpointError(f"{path}: unexpected tensor {next(iter(state))} not built by config.json")
     model.load_state_dict(floats, strict=False, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _take(state: dict[str, Tensor], path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype | None,
-          what: str) -> Tensor:
-    """``state[key]``, removed from ``state``, or a refusal that names it, unless it has ``shape``
-    and ``dtype`` (None: any float dtype)."""
-    t = state.pop(key, None)
-    if t is None or tuple(t.shape) != tuple(shape) or (t.dtype != dtype if dtype else not t.is_floating_point()):
-        found = "missing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
-        want = str(dtype).removeprefix("torch.") if dtype else "float"
-        raise CheckpointError(f"{path}: {key}: expected {want} {list(shape)} ({what}), found {found}")
-    return t
 
 
 def is_packed(model: HavocModel) -> bool:
