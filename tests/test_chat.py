@@ -233,6 +233,17 @@ def test_chat_havoc_py_and_one_prompt(short_ckpt):
     assert again.stdout == run.stdout and run.stdout.startswith("HAVOC: ")
 
 
+def test_compile_is_skipped_for_int8_weights(short_ckpt):
+    """int8 on CPU runs fbgemm, which torch.compile cannot trace: the chat says so and answers eager
+    (the same reply as without the flag) instead of compiling a slower step."""
+    base = [*CLI, "chat", str(short_ckpt), "--prompt", "Hi", "--temperature", "0", "--quantize", "int8"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    compiled = subprocess.run([*base, "--compile"], capture_output=True, text=True, timeout=120)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "note: --compile ignored for int8 weights on CPU" in compiled.stderr
+    assert compiled.stdout == plain.stdout and plain.stdout.startswith("HAVOC: ")
+
+
 # --------------------------------------------------------------------------- bad input
 
 def error_of(capsys, argv: list[str]) -> str:
