@@ -174,8 +174,8 @@ class InferenceLinear(nn.Module):
         packed, scales_zeros = self.int4  # type: ignore[misc]
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
-        y = y.view(*x.shape[:-1], -1) if y.dtype == x.dtype else y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros).view(*x.shape[:-1], -1)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _fbgemm_ready(self) -> bool:
@@ -293,16 +293,15 @@ def _load_quantized(ckpt: Path, device: str, dtype: torch.dtype) -> HavocModel:
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if model.lm_head is None:
         linears.append(("lm_head", nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device="meta")))
-    group = INT4_GROUP
     for name, linear in linears:
         out_f, in_f = linear.weight.shape
         int4 = f"{name}.qweight" in state
-        if int4 and in_f % group:
+        if int4 and in_f % INT4_GROUP:
             raise CheckpointError(f"{path}: {name}.qweight: a {out_f}x{in_f} matrix has no whole groups of "
-                                  f"{group} inputs; expected its int8 form (weight, scale)")
+                                  f"{INT4_GROUP} inputs; expected its int8 form (weight, scale)")
         form = f"{'int4' if int4 else 'int8'} form of a {out_f}x{in_f} matrix"
         expected = ({"qweight": ((out_f, in_f // 2), torch.uint8),
-                     "qscale": ((in_f // group, out_f, 2), torch.bfloat16)} if int4 else
+                     "qscale": ((in_f // INT4_GROUP, out_f, 2), torch.bfloat16)} if int4 else
                     {"weight": ((out_f, in_f), torch.int8), "scale": ((out_f,), torch.float32)})
         parts = {part: take(state, path, f"{name}.{part}", shape, part_dtype, form)
                  for part, (shape, part_dtype) in expected.items()}
