@@ -12,7 +12,7 @@ import torch
 from havoc_core import HavocError
 from havoc_core.precision import AVX2_EMULATION, CpuInfo, plan_inference, training_dtype
 
-AVX512 = CpuInfo("AVX512", native_bf16=True)
+AVX512 = CpuInfo("AVX512", native_bf16=True, vnni=True)
 AVX2 = CpuInfo("AVX2", native_bf16=False)
 SMALL, LARGE = 5_000_000, 2_000_000_000
 
@@ -35,7 +35,8 @@ def test_storage_dtype_follows_size_and_hardware(cpu):
     assert (serving.weights, serving.quantize) == ((torch.bfloat16, None) if native else (torch.float32, "int8"))
     assert plan(LARGE, cpu=AVX2, batching=True, dtype="bfloat16").quantize is None  # --dtype keeps float weights
     assert plan(SMALL, cpu=cpu, quantize="int8").weights == torch.float32  # fbgemm takes fp32
-    assert plan(SMALL, cpu=cpu, quantize="int4").weights == torch.bfloat16  # int4pack is fast on bf16
+    assert plan(SMALL, cpu=cpu, quantize="int4").weights == torch.float32  # HAVOC's int4 kernel: fp32 activations
+    assert plan(SMALL, cpu=CpuInfo("DEFAULT", False), quantize="int4").weights == torch.bfloat16  # ATen's int4pack
     assert plan(SMALL, device="cuda", cpu=cpu).weights == torch.bfloat16
     assert plan(LARGE, cpu=cpu, batching=True, dtype="bfloat16").weights == torch.bfloat16  # --dtype wins
 
@@ -75,8 +76,24 @@ def test_the_plan_says_what_it_chose():
     assert plan(LARGE, cpu=AVX512, batching=True).describe() == \
         "cpu (AVX512, native bf16): decode bf16 packed (oneDNN), batch bf16 packed (oneDNN), prefill bf16"
     assert plan(LARGE, cpu=AVX512, quantize="int4").describe() == \
-        "cpu (AVX512, native bf16): decode int4 (ATen int4pack), prefill bf16"
+        "cpu (AVX512, native bf16): decode int4 (HAVOC avx512-vnni), prefill bf16 (int4 dequantized)"
+    assert plan(LARGE, cpu=AVX2, quantize="int4").describe() == \
+        "cpu (AVX2, no native bf16): decode int4 (HAVOC avx2), prefill fp32"
     assert plan(SMALL, device="cuda").describe() == "cuda: decode bf16, prefill bf16"
+
+
+def test_the_int4_kernel_follows_the_cpu(monkeypatch):
+    """HAVOC's int4 kernel: its VNNI build where torch runs AVX-512 on a CPU with VNNI, its AVX2 build
+    on AVX2 (and AVX-512 without VNNI), ATen's int4pack elsewhere or when asked for."""
+    def int4(cpu: CpuInfo) -> str:
+        return plan(LARGE, cpu=cpu, quantize="int4").kernels(1)
+
+    assert int4(AVX512) == "int4 (HAVOC avx512-vnni)"
+    assert int4(CpuInfo("AVX512", native_bf16=False)) == "int4 (HAVOC avx2)"
+    assert int4(AVX2) == "int4 (HAVOC avx2)"
+    assert int4(CpuInfo("DEFAULT", native_bf16=False)) == "int4 (ATen int4pack)"
+    monkeypatch.setenv("HAVOC_INT4_KERNEL", "aten")
+    assert int4(AVX512) == "int4 (ATen int4pack)"
 
 
 def test_this_machine_is_described_as_torch_runs_it():

@@ -77,20 +77,22 @@ def test_quantized_checkpoint_loads_as_stored_on_another_cpu_kind(float_checkpoi
     assert havoc("inspect", str(out), "--verify").returncode == 0  # its checksums.json covers it
 
 
-@pytest.mark.parametrize("slots", [1, 4])
-def test_int8_gives_the_same_logits_on_an_avx2_cpu(float_checkpoint, tmp_path, slots):
+@pytest.mark.parametrize("method,slots", [("int8", 1), ("int8", 4), ("int4", 1), ("int4", 4)])
+def test_quantized_logits_are_the_same_on_an_avx2_cpu(float_checkpoint, tmp_path, method, slots):
     """fbgemm picks its int8 kernels by CPU (AVX-512 VNNI here, AVX2's pairwise 16-bit products on
     older CPUs): with 7-bit activations (``reduce_range``) both sum exact integer products, so a
     chat (one slot: plain rows) and a server (row-wise ranges, ``InferenceLinear._int8``) give the
-    same logits and tokens, bit for bit, under this machine's kernels and under AVX2 emulation."""
+    same logits and tokens, bit for bit, under this machine's kernels and under AVX2 emulation.
+    HAVOC's int4 kernel has an AVX2 build made to give the same bits (``int4_kernel``)."""
     out = tmp_path / "avx2.pt"
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from test_quantize import run; "
-            "torch.save(run(sys.argv[2], int(sys.argv[3]), quantize='int8'), sys.argv[4])")
+            "torch.save(run(sys.argv[2], int(sys.argv[3]), quantize=sys.argv[5]), sys.argv[4])")
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(float_checkpoint), str(slots),
-                           str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, **AVX2_EMULATION})
+                           str(out), method], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **AVX2_EMULATION})
     assert done.returncode == 0, done.stderr
     tokens, logits = torch.load(out)
-    expected_tokens, expected_logits = run(float_checkpoint, slots, quantize="int8")
+    expected_tokens, expected_logits = run(float_checkpoint, slots, quantize=method)
     assert tokens == expected_tokens
     assert torch.equal(logits, expected_logits)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from havoc_core import integrity
+from havoc_core import int4_kernel, integrity
 from havoc_core.attention import Attention
 from havoc_core.checkpoint import (
     OPTIMIZER_FILE,
@@ -35,7 +35,15 @@ from havoc_core.checkpoint import (
 from havoc_core.errors import CheckpointError, HavocError
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
-from havoc_core.precision import QUANTIZE, InferencePlan, Quantize, cpu_has_native_bf16, plan_inference, weights_dtype
+from havoc_core.precision import (
+    QUANTIZE,
+    CpuInfo,
+    InferencePlan,
+    Quantize,
+    cpu_has_native_bf16,
+    plan_inference,
+    weights_dtype,
+)
 from havoc_core.quantized import (
     INT4_GROUP,
     head_quantize,
@@ -63,7 +71,8 @@ class InferenceLinear(nn.Module):
     - int8: fbgemm's int8 kernel, which also rounds the activations to 8 bits (row by row, on the
       fly: ``_int8``): integer dot products make int8 faster than bf16 and fp32 on a CPU without
       native bf16, prefills included;
-    - int4: ATen's int4pack kernel on bf16 activations;
+    - int4: HAVOC's own kernel (``int4_kernel``) for up to ``int4_kernel.KERNEL_ROWS`` rows, a float
+      matmul on the dequantized matrix for more; ATen's int4pack kernel where ours cannot be built;
     - several rows (and single fp32 rows), after ``pack()``: oneDNN on a copy of the weight in its
       blocked layout."""
 
@@ -78,11 +87,18 @@ class InferenceLinear(nn.Module):
             parts = quantize_matrix(weight, quantize)
         parts = parts or {}
         dtype = dtype or (weight.dtype if weight is not None else torch.bfloat16)
-        self.int4: tuple[Tensor, Tensor] | None = None  # (packed weight, scales and zeros) for int4
+        # int4: the kernel's layout of the matrix, and its scales and zeros where it is ATen's
+        self.int4: tuple[Tensor, Tensor | None] | None = None
         scale = parts.get("scale")
-        if "qweight" in parts:  # the kernel's own layout is made here: it differs between CPU kinds
-            self.int4 = (int4_kernel_layout(parts["qweight"]), parts["qscale"].to(torch.bfloat16).contiguous())
-            weight = torch.empty(0, dtype=dtype, device=parts["qweight"].device)
+        if "qweight" in parts:  # the kernel's own layout is made here: ATen's differs between CPU kinds
+            qweight, qscale = parts["qweight"], parts["qscale"]
+            kernel = int4_kernel.load() if qweight.device.type == "cpu" else None
+            if isinstance(kernel, int4_kernel.Kernel):
+                self.int4 = (int4_kernel.layout(qweight, qscale), None)
+            else:
+                self.int4 = (int4_kernel_layout(qweight), qscale.to(torch.bfloat16).contiguous())
+            self.int4_shape = (qweight.shape[0], qweight.shape[1] * 2)
+            weight = torch.empty(0, dtype=dtype, device=qweight.device)
         elif scale is not None:
             weight = parts["weight"]
         assert weight is not None, "a float weight or the parts of a quantized one"
@@ -170,11 +186,23 @@ class InferenceLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int4(self, x: Tensor) -> Tensor:
-        """ATen's int4 kernel on bf16 activations (on fp32 ones it measured several times slower)."""
+        """Ours (module docstring; one custom operator under torch.compile), or ATen's int4 kernel on
+        bf16 activations (on fp32 ones it measured several times slower)."""
         packed, scales_zeros = self.int4  # type: ignore[misc]
-        x2 = x.reshape(-1, x.shape[-1])
-        x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros).view(*x.shape[:-1], -1)
+        if scales_zeros is None:
+            n, k = self.int4_shape
+            if torch.compiler.is_compiling():
+                y = int4_kernel.compiled_linear(x, packed, n)
+            elif x.numel() <= int4_kernel.KERNEL_ROWS * k:
+                y = int4_kernel.load().linear(x, packed, n)  # type: ignore[union-attr]
+            else:  # a prefill: compute-bound, so the CPU's fastest float matmul (bf16 where native)
+                dtype = torch.bfloat16 if CpuInfo.detect().native_bf16 else x.dtype
+                y = int4_kernel.load().matmul(x, packed, n, dtype)  # type: ignore[union-attr]
+        else:
+            x2 = x.reshape(-1, x.shape[-1])
+            x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
+            y = y.view(*x.shape[:-1], -1)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -222,6 +250,8 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     dtype = dtype or model.embed.weight.dtype
     if quantize not in (None, *QUANTIZE):
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)} or nothing, found {quantize!r}")
+    if quantize == "int4":  # an int4 model's float parts are bf16 values, as its file keeps them
+        model.to(torch.bfloat16)
     model.eval().requires_grad_(False).to(dtype)
     head_method = head_quantize(quantize)
     _inference_layout(model)
@@ -260,17 +290,20 @@ def quantize_checkpoint(source: str | Path, out: str | Path, quantize: Quantize)
     if quantize not in QUANTIZE:
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)}, found {quantize!r}")
     ckpt = find_checkpoint(source)
-    # quantized from (and embedding and norms kept in) the dtype a CPU plan gives the activations, so
-    # the file holds exactly what quantizing at load time makes: fp32 beside int8, bf16 beside int4
-    model = prepare_model(load_model(ckpt), weights_dtype("auto", 0, "cpu", quantize))
+    # quantized from what quantizing at load time uses, so the file holds exactly what that makes:
+    # embedding, norms and biases in fp32 beside int8, in bf16 (their values under int4) beside int4
+    model = prepare_model(load_model(ckpt), weights_dtype("auto", 0, "cpu", quantize), quantize=None)
+    if quantize == "int4":
+        model.to(torch.bfloat16).float()
+    stored = torch.bfloat16 if quantize == "int4" else torch.float32
     tokenizer = HavocTokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).is_file() else None
-    state = {name: p for name, p in model.named_parameters()}  # embedding and norms
+    state = {name: p.to(stored) for name, p in model.named_parameters()}  # embedding and norms
     for name, module in model.named_modules():
         if isinstance(module, InferenceLinear):
             parts = quantize_matrix(module.weight, head_quantize(quantize) if name == "lm_head" else quantize)
             state.update({f"{name}.{k}": v for k, v in parts.items()})
             if module.bias is not None:
-                state[f"{name}.bias"] = module.bias
+                state[f"{name}.bias"] = module.bias.to(stored)
     info = {"method": quantize, "group_size": INT4_GROUP, "head": head_quantize(quantize),
             "source": str(ckpt)}
     return save_checkpoint(out, state, model.config, tokenizer=tokenizer,

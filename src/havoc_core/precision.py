@@ -17,7 +17,9 @@ without native bf16 (fbgemm reads its own variable: without it, int8 runs AVX-51
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,14 +50,38 @@ class CpuInfo:
 
     capability: str  # ATen's kernel set: "AVX512", "AVX2", "DEFAULT" (or another architecture's name)
     native_bf16: bool  # oneDNN runs bf16 matmuls natively (AVX512-BF16, AMX): ~2x fp32's rate
+    vnni: bool = False  # AVX-512 VNNI: 8-bit dot products (the int4 kernel's AVX-512 build)
 
     @staticmethod
     @functools.cache
     def detect() -> CpuInfo:
-        return CpuInfo(torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16())
+        return CpuInfo(torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16(),
+                       {"avx512bw", "avx512_vnni"} <= cpu_flags())
 
     def __str__(self) -> str:
         return f"{self.capability}, {'native' if self.native_bf16 else 'no native'} bf16"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def int4_kernel_isa(cpu: CpuInfo | None = None) -> str | None:
+    """Which build of HAVOC's int4 kernel (``int4_kernel``) a CPU runs: "avx512-vnni" where torch runs
+    AVX-512 kernels on a CPU with VNNI, "avx2" where it runs AVX2 ones (also on an AVX-512 CPU lowered
+    by ``ATEN_CPU_CAPABILITY=avx2``), else None: ATen's int4pack kernel. ``HAVOC_INT4_KERNEL=aten``
+    picks ATen's anywhere (to compare them)."""
+    cpu = cpu or CpuInfo.detect()
+    if os.environ.get("HAVOC_INT4_KERNEL") == "aten":
+        return None
+    if cpu.capability == "AVX512" and cpu.vnni:
+        return "avx512-vnni"
+    return "avx2" if cpu.capability in ("AVX512", "AVX2") else None
 
 
 def pick_device(device: str) -> str:
@@ -76,12 +102,16 @@ def weights_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | N
     """Storage dtype for inference. ``auto``: bf16 on GPUs and on CPUs with native bf16 (havoc-tiny
     decodes 1.5-2.5x faster than in fp32 there); on other CPUs bf16 from ``BF16_DECODE_FROM``
     parameters (decode reads half the bytes) and fp32 below (small models are bound by per-op
-    overhead, not memory); fp32 beside int8 matrices (the CPU int8 kernel takes fp32 activations),
-    bf16 beside int4 ones (ATen's int4 kernel is several times faster on bf16 activations than fp32)."""
+    overhead, not memory); fp32 beside int8 matrices (the CPU int8 kernel takes fp32 activations)
+    and beside int4 ones where HAVOC's int4 kernel runs (a havoc-small step 9.1 ms against 11.3 with
+    bf16 beside them and 9.9 with bf16 storage and fp32 activations, docs/LOG.md); bf16 beside
+    ATen's int4 kernel (several times faster on bf16 activations than on fp32 ones)."""
     if dtype != "auto":
         return parse_dtype(dtype)
-    if quantize == "int4" or not device.startswith("cpu"):
+    if not device.startswith("cpu"):
         return torch.bfloat16
+    if quantize == "int4":
+        return torch.float32 if int4_kernel_isa(cpu) else torch.bfloat16
     if quantize:
         return torch.float32
     return torch.bfloat16 if n_params >= BF16_DECODE_FROM or (cpu or CpuInfo.detect()).native_bf16 else torch.float32
@@ -149,7 +179,8 @@ class InferencePlan:
     def kernels(self, rows: int) -> str:
         """The matmul of a decode step of ``rows`` rows, as the engine runs it (``InferenceLinear``)."""
         if self.quantize == "int4":
-            return "int4 (ATen int4pack)"
+            isa = int4_kernel_isa(self.cpu)
+            return f"int4 (HAVOC {isa})" if isa else "int4 (ATen int4pack)"
         if self.quantize == "int8":
             return "int8 (fbgemm)" if self.device.startswith("cpu") else "int8 (dequantised)"
         name = NAMES[self.weights]
@@ -165,7 +196,10 @@ class InferencePlan:
         """E.g. "cpu (AVX2, no native bf16): decode int8 (fbgemm), batch int8 (fbgemm), prefill fp32"."""
         where = f"{self.device} ({self.cpu})" if self.cpu else self.device
         batch = f", batch {self.kernels(8)}" if self.batching else ""
-        return f"{where}: decode {self.kernels(1)}{batch}, prefill {NAMES[self.prefill]}"
+        prefill = NAMES[self.prefill]
+        if self.quantize == "int4" and int4_kernel_isa(self.cpu) and self.cpu and self.cpu.native_bf16:
+            prefill = "bf16 (int4 dequantized)"  # int4_kernel: a float matmul, in the CPU's fastest dtype
+        return f"{where}: decode {self.kernels(1)}{batch}, prefill {prefill}"
 
 
 def plan_inference(n_params: int, *, device: str = "auto", dtype: str = "auto", quantize: Quantize | None = None,

@@ -1,0 +1,226 @@
+// HAVOC's int4 x int8 product on x86 CPUs (see int4_kernel.py for why and for the layout).
+// Built twice from this one file: with AVX-512 VNNI (-DHAVOC_AVX512) and with AVX2 + FMA. Both
+// compute every output with the same float operations in the same order (the integer parts are
+// exact), so a model's logits are bit-identical on either kind of CPU, and a row's result does
+// not depend on the rows computed beside it.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { TILE = 4, CODE_BYTES = TILE * 64, BLOCK_BYTES = CODE_BYTES + 64, ROWS_PER_PASS = 4 };
+
+// One block (4 groups of 32 inputs) of one row of activations, rounded to int8 per group:
+// xq: the 4 groups' inputs 0..15, then their inputs 16..31; sx, c, s8: per output lane
+// 4 i + r (group i, tile row r): the group's scale, scale x sum of its codes, 8 x sum.
+typedef struct {
+  int8_t xq[128];
+  float sx[16];
+  float c[16];
+  int32_t s8[16];
+} xblock;
+
+static inline float from_bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static void quantize_row(const void* x, int x_bf16, int64_t K, int64_t B, xblock* out) {
+  for (int64_t g = 0; g < 4 * B; ++g) {
+    float v[32], amax = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      const int64_t k = 32 * g + j;
+      v[j] = k >= K ? 0.f : x_bf16 ? from_bf16(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+      amax = fmaxf(amax, fabsf(v[j]));
+    }
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    xblock* xb = out + g / 4;
+    const int i = (int)(g % 4);
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      float r = nearbyintf(v[j] * inv);
+      r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
+      sum += (int)r;
+      xb->xq[(j < 16 ? 0 : 64) + 16 * i + j % 16] = (int8_t)r;
+    }
+    for (int r = 0; r < TILE; ++r) {
+      xb->sx[4 * i + r] = scale;
+      xb->c[4 * i + r] = scale * (float)sum;
+      xb->s8[4 * i + r] = 8 * sum;
+    }
+  }
+}
+
+#ifdef HAVOC_AVX512
+static inline __m512 bf16x16(const uint8_t* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+// lane 4 i + r: the sum of the 4 lanes of group i in d_r
+static inline __m512i transpose_add(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
+  const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
+  const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+static inline __attribute__((always_inline)) void tile(const uint8_t* w, const xblock* xb, int64_t B, int rows,
+                                                       float out[ROWS_PER_PASS][16]) {
+  __m512 acc[ROWS_PER_PASS];
+  for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * BLOCK_BYTES;
+    __m512i lo[TILE], hi[TILE];
+    for (int r = 0; r < TILE; ++r) {
+      const __m512i codes = _mm512_loadu_si512(wb + 64 * r);
+      lo[r] = _mm512_and_si512(codes, low);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+    }
+    const __m512 s = bf16x16(wb + CODE_BYTES), z = bf16x16(wb + CODE_BYTES + 32);
+    for (int m = 0; m < rows; ++m) {
+      const xblock* x = xb + m * B + b;
+      const __m512i xl = _mm512_loadu_si512(x->xq), xh = _mm512_loadu_si512(x->xq + 64);
+      __m512i d[TILE];
+      for (int r = 0; r < TILE; ++r)
+        d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
+      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]), _mm512_loadu_si512(x->s8));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_loadu_ps(x->sx)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(z, _mm512_loadu_ps(x->c), acc[m]);
+    }
+  }
+  for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
+}
+#else
+static inline __m256 bf16x8(const uint8_t* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+static inline __m256i transpose_add(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
+  const __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(d0, d1), _mm256_unpackhi_epi32(d0, d1));
+  const __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(d2, d3), _mm256_unpackhi_epi32(d2, d3));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+// codes (unsigned, 0..15) x activations (signed) in 4-byte lanes: pairs in 16 bits (at most
+// 2 x 15 x 127 each, 4 x 15 x 127 both nibbles: no saturation), then 32-bit sums
+static inline __m256i dot32(__m256i codes, __m256i xl, __m256i xh) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i a = _mm256_maddubs_epi16(_mm256_and_si256(codes, low), xl);
+  const __m256i b = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low), xh);
+  return _mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+static inline __attribute__((always_inline)) void tile(const uint8_t* w, const xblock* xb, int64_t B, int rows,
+                                                       float out[ROWS_PER_PASS][16]) {
+  __m256 acc[ROWS_PER_PASS][2];
+  for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * BLOCK_BYTES;
+    for (int h = 0; h < 2; ++h) {  // groups 2h and 2h + 1: lanes 8h .. 8h + 7
+      __m256i codes[TILE];
+      for (int r = 0; r < TILE; ++r) codes[r] = _mm256_loadu_si256((const __m256i*)(wb + 64 * r + 32 * h));
+      const __m256 s = bf16x8(wb + CODE_BYTES + 16 * h), z = bf16x8(wb + CODE_BYTES + 32 + 16 * h);
+      for (int m = 0; m < rows; ++m) {
+        const xblock* x = xb + m * B + b;
+        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x->xq + 32 * h));
+        const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
+        const __m256i sums = transpose_add(dot32(codes[0], xl, xh), dot32(codes[1], xl, xh),
+                                           dot32(codes[2], xl, xh), dot32(codes[3], xl, xh));
+        const __m256i dot = _mm256_sub_epi32(sums, _mm256_loadu_si256((const __m256i*)(x->s8 + 8 * h)));
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_loadu_ps(x->sx + 8 * h)),
+                                    acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x->c + 8 * h), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m) {
+    _mm256_storeu_ps(out[m], acc[m][0]);
+    _mm256_storeu_ps(out[m] + 8, acc[m][1]);
+  }
+}
+#endif
+
+static void tile_rows(const uint8_t* w, const xblock* xb, int64_t B, int rows, float out[ROWS_PER_PASS][16]) {
+  switch (rows) {  // a constant count each: the accumulators stay in registers
+    case 1: tile(w, xb, B, 1, out); break;
+    case 2: tile(w, xb, B, 2, out); break;
+    case 3: tile(w, xb, B, 3, out); break;
+    default: tile(w, xb, B, 4, out); break;
+  }
+}
+
+// y [M, N] = x [M, K] times the int4 matrix w [N, K] in the tiled layout (fp32 or bf16 x and y).
+// Returns 0, or -1 when out of memory.
+int havoc_int4_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w, int64_t N, void* y,
+                      int y_bf16, int threads) {
+  const int64_t B = (K / 32 + 3) / 4, tiles = (N + TILE - 1) / TILE;
+  xblock* xb = (xblock*)malloc((size_t)(M * B) * sizeof(xblock));
+  if (!xb) return -1;
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row((const uint8_t*)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, B, xb + m * B);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
+      const int rows = (int)(M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS);
+      float out[ROWS_PER_PASS][16];
+      tile_rows(w + t * B * BLOCK_BYTES, xb + m0 * B, B, rows, out);
+      for (int m = 0; m < rows; ++m) {
+        for (int r = 0; r < TILE && t * TILE + r < N; ++r) {
+          const float v = (out[m][r] + out[m][4 + r]) + (out[m][8 + r] + out[m][12 + r]);
+          const int64_t at = (m0 + m) * N + t * TILE + r;
+          if (y_bf16) ((uint16_t*)y)[at] = to_bf16(v);
+          else ((float*)y)[at] = v;
+        }
+      }
+    }
+  }
+  free(xb);
+  return 0;
+}
+
+// out = the matrix w stands for, value = scale x (code - 8) + zero (fp32 or bf16), for products
+// over many rows, which a float matmul does faster than any int4 kernel. Plain loops of 16 that
+// the compiler vectorizes.
+// Rows n0 .. n1 - 1 only, into out [n1 - n0, K]: a slice that stays in cache for its matmul.
+void havoc_int4_dequantize(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, void* out, int out_bf16,
+                           int threads) {
+  const int64_t B = (K / 32 + 3) / 4, G = K / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = n0; n < n1; ++n) {
+    const int r = (int)(n % TILE);
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wb = w + ((n / TILE) * B + g / 4) * BLOCK_BYTES;
+      const uint8_t* codes = wb + 64 * r + 16 * (g % 4);
+      const float s = from_bf16(((const uint16_t*)(wb + CODE_BYTES))[4 * (g % 4) + r]);
+      const float z = from_bf16(((const uint16_t*)(wb + CODE_BYTES + 32))[4 * (g % 4) + r]);
+      float v[32];
+      for (int j = 0; j < 16; ++j) {
+        v[j] = s * (float)((int)(codes[j] & 15) - 8) + z;
+        v[16 + j] = s * (float)((int)(codes[j] >> 4) - 8) + z;
+      }
+      if (out_bf16) {
+        uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
+        for (int j = 0; j < 32; ++j) {  // finite values: round to nearest even without to_bf16's NaN test
+          uint32_t u;
+          memcpy(&u, &v[j], 4);
+          o[j] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+      } else {
+        memcpy((float*)out + (n - n0) * K + 32 * g, v, sizeof v);
+      }
+    }
+  }
+}

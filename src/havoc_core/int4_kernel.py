@@ -1,0 +1,169 @@
+"""HAVOC's own int4 product for x86 CPUs (``int4_kernel.c``), built on first use with the system's C
+compiler and cached; ATen's int4pack kernel stays where it cannot be built.
+
+Why a kernel of our own (issue 18, docs/LOG.md 2026-12-06): ATen's ``_weight_int4pack_mm_for_cpu``
+is compute-bound at ~9 GB/s of codes per core, ``_dyn_quant_matmul_4bit`` is a reference loop on
+x86 and torchao ships no x86 kernels, so no well-kept kernel comes near llama.cpp's Q4_0. This one
+works as llama.cpp's does: each group of 32 activations is rounded to int8 with its own scale, so a
+group's product is an exact integer dot product of 4-bit codes and 8-bit values (AVX-512 VNNI, or
+AVX2's pair sums), scaled once in fp32.
+
+- Layout (made at load time from the stored ``qweight``/``qscale``, never stored): output rows in
+  tiles of 4, inputs in blocks of 128 (4 groups); per tile and block 320 bytes: each row's 64 bytes
+  of codes (byte 16 i + j: input j of group i in the low nibble, input j + 16 in the high one),
+  then the 16 bf16 scales and the 16 bf16 zeros, group-major.
+- The AVX-512 and AVX2 builds make every output with the same float operations in the same order,
+  so logits are bit-identical on both CPU kinds, and a row's result is the same in any batch.
+- Up to ``KERNEL_ROWS`` rows per call (decode steps) run in the kernel, reading the codes once;
+  longer calls (prefills) dequantize the matrix and run a float matmul, which is compute-bound
+  work the CPU's matmul units do many times faster than any int4 kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from havoc_core.atomic import atomic_path
+from havoc_core.precision import int4_kernel_isa
+
+SOURCE = Path(__file__).with_name("int4_kernel.c")
+KERNEL_ROWS = 64  # calls with more rows than this dequantize and run a float matmul (docs/LOG.md)
+MATMUL_ROWS = 512  # matrix rows dequantized per float matmul (a slice of a few MB, in cache)
+FLAGS = {"avx512-vnni": ["-DHAVOC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"],
+         "avx2": ["-mavx2", "-mfma"]}
+_TILE, _BLOCK_BYTES = 4, 320
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("HAVOC_KERNEL_CACHE") or Path(root) / "havoc" / "kernels")
+
+
+class Kernel:
+    """The built library of one ISA, called through ctypes (which releases the GIL)."""
+
+    def __init__(self, path: Path, isa: str) -> None:
+        self.isa = isa
+        lib = ctypes.CDLL(str(path))
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._linear = lib.havoc_int4_linear
+        self._linear.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, c_int, c_int]
+        self._linear.restype = c_int
+        self._dequantize = lib.havoc_int4_dequantize
+        self._dequantize.argtypes = [ptr, i64, i64, i64, ptr, c_int, c_int]
+        self._dequantize.restype = None
+
+    def linear(self, x: Tensor, packed: Tensor, n: int) -> Tensor:
+        """x [..., K] (fp32 or bf16; other dtypes compute in fp32) times the matrix in ``packed``: [..., n].
+        Kept to a few Python calls: a havoc-small decode step makes 48 of them."""
+        if x.dtype is not torch.bfloat16 and x.dtype is not torch.float32:
+            x = x.float()
+        x = x.contiguous()
+        k = x.shape[-1]
+        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        half = x.dtype is torch.bfloat16
+        if self._linear(x.data_ptr(), half, x.numel() // k, k, packed.data_ptr(), n, y.data_ptr(), half,
+                        torch.get_num_threads()):
+            raise MemoryError(f"int4 kernel: no memory for {x.numel() // k} rows of {k} activations")
+        return y
+
+    def dequantize(self, packed: Tensor, n: int, k: int, dtype: torch.dtype, rows: tuple[int, int] | None = None,
+                   out: Tensor | None = None) -> Tensor:
+        """The float matrix [n, k] in ``dtype`` (fp32 or bf16), or its ``rows`` (start, stop), into ``out``."""
+        start, stop = rows or (0, n)
+        dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = torch.empty(stop - start, k, dtype=dtype) if out is None else out
+        assert out.dtype == dtype and out.is_contiguous() and out.numel() >= (stop - start) * k
+        self._dequantize(packed.data_ptr(), k, start, stop, out.data_ptr(), dtype == torch.bfloat16,
+                         torch.get_num_threads())
+        return out[: stop - start] if out.dim() == 2 else out
+
+    def matmul(self, x: Tensor, packed: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+        """x [..., K] times the matrix, as a ``dtype`` float matmul over slices of ``MATMUL_ROWS``
+        dequantized rows (each in cache for its product; a whole 70 MB matrix took longer to
+        allocate, page by page, than to multiply). Output in ``dtype``."""
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).to(dtype)
+        y = torch.empty(rows.shape[0], n, dtype=dtype)
+        buffer = torch.empty(min(n, MATMUL_ROWS), k, dtype=dtype)
+        for start in range(0, n, MATMUL_ROWS):
+            stop = min(start + MATMUL_ROWS, n)
+            y[:, start:stop] = F.linear(rows, self.dequantize(packed, n, k, dtype, (start, stop), buffer))
+        return y.view(*x.shape[:-1], n)
+
+
+def build(isa: str) -> Path:
+    """The library for ``isa``, compiled once into ``cache_dir()`` (keyed by source and flags)."""
+    source = SOURCE.read_bytes()
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", *FLAGS[isa]]
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    path = cache_dir() / f"int4_kernel-{isa}-{key}.so"
+    if path.is_file():
+        return path
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise OSError("no C compiler (cc or gcc, or $CC)")
+    with atomic_path(path) as tmp:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode:
+            raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return path
+
+
+@functools.cache
+def load() -> Kernel | str:
+    """The kernel for this CPU, or why ATen's runs instead (one line, for the printed plan)."""
+    isa = int4_kernel_isa()
+    if isa is None:
+        return "HAVOC_INT4_KERNEL=aten" if os.environ.get("HAVOC_INT4_KERNEL") == "aten" else "no AVX2 x86 CPU"
+    try:
+        return Kernel(build(isa), isa)
+    except (OSError, subprocess.SubprocessError) as e:
+        reason = f"own kernel not built ({e})"
+        print(f"note: int4: {reason}; ATen's int4pack kernel runs instead (slower)", file=sys.stderr)
+        return reason
+
+
+def layout(qweight: Tensor, qscale: Tensor) -> Tensor:
+    """The kernel's layout (module docstring) of a stored int4 matrix: ``qweight`` uint8 [N, K / 2],
+    ``qscale`` bf16 [K / 32, N, 2] (``quantized.quantize_matrix``). Rows and groups are padded with
+    zero codes and zero scales to whole tiles and blocks: they add exactly nothing."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    groups = k // 32
+    pad_groups, pad_rows = -groups % 4, -n % _TILE
+    tiles, blocks = (n + pad_rows) // _TILE, (groups + pad_groups) // 4
+    codes = torch.stack([qweight & 15, qweight >> 4], -1).view(n, groups, 32)
+    codes = F.pad(codes, (0, 0, 0, pad_groups, 0, pad_rows))
+    codes = (codes[..., :16] | (codes[..., 16:] << 4)).view(tiles, _TILE, blocks, 4, 16)
+    codes = codes.permute(0, 2, 1, 3, 4).reshape(tiles, blocks, 4 * 64)
+    scales = F.pad(qscale.to(torch.bfloat16).permute(1, 0, 2), (0, 0, 0, pad_groups, 0, pad_rows))
+    scales = scales.view(tiles, _TILE, blocks, 4, 2).permute(0, 2, 4, 3, 1).reshape(tiles, blocks, 32)
+    packed = torch.cat([codes, scales.contiguous().view(torch.uint8)], -1).contiguous()
+    assert packed.shape[-1] == _BLOCK_BYTES
+    return packed
+
+
+@torch.library.custom_op("havoc::int4_linear", mutates_args=())
+def compiled_linear(x: Tensor, packed: Tensor, n: int) -> Tensor:
+    """The kernel as an operator ``torch.compile`` keeps whole (eager calls skip its dispatch)."""
+    kernel = load()
+    assert isinstance(kernel, Kernel)
+    return kernel.linear(x, packed, n)
+
+
+@compiled_linear.register_fake
+def _(x: Tensor, packed: Tensor, n: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], n, dtype=x.dtype if x.dtype in (torch.float32, torch.bfloat16)
+                       else torch.float32)
