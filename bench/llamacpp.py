@@ -3,9 +3,10 @@ files vs HAVOC's engine on the same checkpoint, same threads, in one process, in
 
 For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-token prompt (the
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
-512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC runs
-bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 (bf16 activations, ATen's int4pack
-kernel) weights. Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
+512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC
+runs bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 weights (what the plan picks:
+HAVOC's own kernel with fp32 activations, or ATen's int4pack with bf16 ones; ``HAVOC_INT4_KERNEL=aten``
+forces ATen's). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
 hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
 in a child process finds out), every llama.cpp run is made without it and the results say so.
 
@@ -34,7 +35,7 @@ from havoc_core.builtin_corpus import builtin_documents
 from havoc_core.checkpoint import save_model
 from havoc_core.gguf_export import export_gguf
 from havoc_core.inference import prepare_model
-from havoc_core.precision import AVX2_EMULATION, cpu_has_native_bf16
+from havoc_core.precision import AVX2_EMULATION, cpu_has_native_bf16, weights_dtype
 from havoc_core.tokenizer import HavocTokenizer
 
 
@@ -110,7 +111,7 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
                                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
             for k, f in files.items()}
     int8 = prepare_model(copy.deepcopy(model).float(), torch.float32, "int8")  # before `model` is prepared in place
-    int4 = prepare_model(copy.deepcopy(model), torch.bfloat16, "int4")
+    int4 = prepare_model(copy.deepcopy(model), weights_dtype("auto", 0, "cpu", "int4"), "int4")
     havoc = {"bf16": prepare_model(model, torch.bfloat16), "int8": int8, "int4": int4}
     prompt = prompts(1, PROMPT_LEN, cfg.vocab_size)
     runs = {f"llama.cpp {k.upper()}": (lambda n, llm=llm: llama_decode(llm, prompt[0].tolist(), n))
