@@ -10,7 +10,7 @@ forces ATen's). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weight
 hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
 in a child process finds out), every llama.cpp run is made without it and the results say so.
 
-    python bench/llamacpp.py [--presets havoc-small havoc-2b] [--tokens 32] [--repeat 2] [--threads 2]
+    python bench/llamacpp.py [--presets havoc-small havoc-2b] [--tokens 32] [--repeat 2] [--threads 2] [--compile]
 Results also go to bench/results/llamacpp.json. (Not named gguf.py: a script there would shadow the
 gguf package for everything the benchmark imports.)
 """
@@ -117,6 +117,10 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     runs = {f"llama.cpp {k.upper()}": (lambda n, llm=llm: llama_decode(llm, prompt[0].tolist(), n))
             for k, llm in llms.items()}
     runs |= {f"HAVOC {k}": (lambda n, m=m: havoc_run(m, prompt, n)) for k, m in havoc.items()}
+    if args.compile:  # `havoc chat --compile`: bf16 and int4 compile whole (int8's fbgemm calls break the graph)
+        for k in ("bf16", "int4"):
+            havoc_run(havoc[k], prompt, 2, compile=True)  # the first compile (tens of seconds) is not timed
+            runs[f"HAVOC {k} compiled"] = lambda n, m=havoc[k]: havoc_run(m, prompt, n, compile=True)
     decode = rates(runs, args.tokens, args.repeat)
     long_prompt = prompts(1, PREFILL_LEN, cfg.vocab_size, seed=1)
     prefill = {f"llama.cpp {k.upper()}": llama_prefill(llm, long_prompt[0].tolist(), args.prefill_repeat)
@@ -126,6 +130,10 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
         llm.close()
     pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0"), ("HAVOC int4", "llama.cpp Q4_0"),
              ("HAVOC int4", "llama.cpp Q4_K_M")]
+    if args.compile:
+        pairs += [("HAVOC bf16 compiled", "llama.cpp BF16"), ("HAVOC int4 compiled", "llama.cpp Q4_0"),
+                  ("HAVOC int4 compiled", "llama.cpp Q4_K_M")]
+        prefill |= {f"{name} compiled": prefill[name] for name in ("HAVOC bf16", "HAVOC int4")}  # (eager prefill)
     return {"params": cfg.num_parameters(), "llama_cpp_repack": repack,
             "decode_tokens_per_s": decode, "prefill_512_s": prefill,
             "decode_ratio": {f"{a} / {b}": decode[a] / decode[b] for a, b in pairs},
@@ -141,6 +149,7 @@ def main() -> None:
     ap.add_argument("--prefill-repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--f16", action="store_true", help="also a llama.cpp F16 file")
+    ap.add_argument("--compile", action="store_true", help="also HAVOC bf16 and int4 with a torch.compile'd step")
     ap.add_argument("--tmp", help="where the checkpoints and .gguf files go (default: a temporary dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
