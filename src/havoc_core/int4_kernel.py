@@ -15,8 +15,9 @@ AVX2's pair sums), scaled once in fp32.
 - The AVX-512 and AVX2 builds make every output with the same float operations in the same order,
   so logits are bit-identical on both CPU kinds, and a row's result is the same in any batch.
 - Up to ``KERNEL_ROWS`` rows per call (decode steps) run in the kernel, reading the codes once;
-  longer calls (prefills) dequantize the matrix and run a float matmul, which is compute-bound
-  work the CPU's matmul units do many times faster than any int4 kernel.
+  longer calls (prefills) dequantize ``MATMUL_ROWS`` matrix rows at a time for a float matmul:
+  compute-bound work the CPU's matmul units do faster than any int4 kernel (2.2-2.5x ATen's int4
+  kernel on a 512-token prefill).
 """
 
 from __future__ import annotations
