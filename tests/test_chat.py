@@ -21,6 +21,7 @@ from havoc_core import HavocError
 from havoc_core.chat import ChatSession, answer_questions
 from havoc_core.checkpoint import save_model
 from havoc_core.cli import main
+from havoc_core.precision import int4_kernel_isa
 from havoc_core.sampling import SamplingParams
 from havoc_core.tokenizer import HavocTokenizer, render_chat
 
@@ -242,6 +243,27 @@ def test_compile_is_skipped_for_int8_weights(short_ckpt):
     assert compiled.returncode == 0, compiled.stderr
     assert "note: --compile ignored for int8 weights on CPU" in compiled.stderr
     assert compiled.stdout == plain.stdout and plain.stdout.startswith("HAVOC: ")
+
+
+def test_int4_chat_names_its_kernel_and_answers(short_ckpt):
+    """`--quantize int4` says which kernel it runs (HAVOC's int4 kernel where this CPU can build it,
+    else ATen's) and a chat answers the same as from a checkpoint stored int4 by `havoc quantize`."""
+    smoke = subprocess.run([*CLI, "smoke", str(short_ckpt), "--quantize", "int4"], capture_output=True, text=True,
+                           timeout=120)
+    assert smoke.returncode == 0, smoke.stderr
+    kernel = "decode int4 (HAVOC " if int4_kernel_isa() else "decode int4 (ATen int4pack)"
+    assert kernel in smoke.stdout.splitlines()[0], smoke.stdout
+    run = subprocess.run([*CLI, "chat", str(short_ckpt), "--prompt", "Hi", "--temperature", "0", "--quantize", "int4"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("HAVOC: ")
+    stored = short_ckpt.parent / "int4"
+    assert subprocess.run([*CLI, "quantize", str(short_ckpt), str(stored)], capture_output=True,
+                          timeout=120).returncode == 0
+    again = subprocess.run([*CLI, "chat", str(stored), "--prompt", "Hi", "--temperature", "0"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == run.stdout
 
 
 # --------------------------------------------------------------------------- bad input
