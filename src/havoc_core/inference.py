@@ -42,7 +42,6 @@ from havoc_core.precision import (
     Quantize,
     cpu_has_native_bf16,
     plan_inference,
-    weights_dtype,
 )
 from havoc_core.quantized import (
     INT4_GROUP,
@@ -290,20 +289,17 @@ def quantize_checkpoint(source: str | Path, out: str | Path, quantize: Quantize)
     if quantize not in QUANTIZE:
         raise HavocError(f"quantize: expected {' or '.join(QUANTIZE)}, found {quantize!r}")
     ckpt = find_checkpoint(source)
-    # quantized from what quantizing at load time uses, so the file holds exactly what that makes:
-    # embedding, norms and biases in fp32 beside int8, in bf16 (their values under int4) beside int4
-    model = prepare_model(load_model(ckpt), weights_dtype("auto", 0, "cpu", quantize), quantize=None)
-    if quantize == "int4":
-        model.to(torch.bfloat16).float()
-    stored = torch.bfloat16 if quantize == "int4" else torch.float32
+    # quantized from the values quantizing at load time uses (``prepare_model``), so the file holds
+    # exactly what that makes: embedding, norms and biases in fp32 beside int8, bf16 beside int4
+    model = prepare_model(load_model(ckpt), torch.bfloat16 if quantize == "int4" else torch.float32)
     tokenizer = HavocTokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).is_file() else None
-    state = {name: p.to(stored) for name, p in model.named_parameters()}  # embedding and norms
+    state = {name: p for name, p in model.named_parameters()}  # embedding and norms
     for name, module in model.named_modules():
         if isinstance(module, InferenceLinear):
             parts = quantize_matrix(module.weight, head_quantize(quantize) if name == "lm_head" else quantize)
             state.update({f"{name}.{k}": v for k, v in parts.items()})
             if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.to(stored)
+                state[f"{name}.bias"] = module.bias
     info = {"method": quantize, "group_size": INT4_GROUP, "head": head_quantize(quantize),
             "source": str(ckpt)}
     return save_checkpoint(out, state, model.config, tokenizer=tokenizer,

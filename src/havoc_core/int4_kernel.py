@@ -88,7 +88,7 @@ class Kernel:
         assert out.dtype == dtype and out.is_contiguous() and out.numel() >= (stop - start) * k
         self._dequantize(packed.data_ptr(), k, start, stop, out.data_ptr(), dtype == torch.bfloat16,
                          torch.get_num_threads())
-        return out[: stop - start] if out.dim() == 2 else out
+        return out[: stop - start]
 
     def matmul(self, x: Tensor, packed: Tensor, n: int, dtype: torch.dtype) -> Tensor:
         """x [..., K] times the matrix, as a ``dtype`` float matmul over slices of ``MATMUL_ROWS``
@@ -128,7 +128,7 @@ def load() -> Kernel | str:
     """The kernel for this CPU, or why ATen's runs instead (one line, for the printed plan)."""
     isa = int4_kernel_isa()
     if isa is None:
-        return "HAVOC_INT4_KERNEL=aten" if os.environ.get("HAVOC_INT4_KERNEL") == "aten" else "no AVX2 x86 CPU"
+        return "no build for this CPU (or HAVOC_INT4_KERNEL=aten)"
     try:
         return Kernel(build(isa), isa)
     except (OSError, subprocess.SubprocessError) as e:
