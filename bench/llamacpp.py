@@ -5,7 +5,7 @@ For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
 512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC
 runs bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 weights (what the plan picks:
-HAVOC's own kernel with fp32 activations, or ATen's int4pack with bf16 ones; ``HAVOC_INT4_KERNEL=aten``
+HAVOC's own kernel with fp32 activations, or ATen's int4pack with bf16 ones; ``HAVOC_OWN_KERNELS=0``
 forces ATen's). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
 hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
 in a child process finds out), every llama.cpp run is made without it and the results say so.
@@ -117,8 +117,8 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     runs = {f"llama.cpp {k.upper()}": (lambda n, llm=llm: llama_decode(llm, prompt[0].tolist(), n))
             for k, llm in llms.items()}
     runs |= {f"HAVOC {k}": (lambda n, m=m: havoc_run(m, prompt, n)) for k, m in havoc.items()}
-    if args.compile:  # `havoc chat --compile`: bf16 and int4 compile whole (int8's fbgemm calls break the graph)
-        for k in ("bf16", "int4"):
+    if args.compile:  # `havoc chat --compile`: every decode step compiles whole (HAVOC's kernels are operators)
+        for k in ("bf16", "int8", "int4"):
             havoc_run(havoc[k], prompt, 2, compile=True)  # the first compile (tens of seconds) is not timed
             runs[f"HAVOC {k} compiled"] = lambda n, m=havoc[k]: havoc_run(m, prompt, n, compile=True)
     decode = rates(runs, args.tokens, args.repeat)
@@ -131,9 +131,11 @@ def bench_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict:
     pairs = [("HAVOC bf16", "llama.cpp BF16"), ("HAVOC int8", "llama.cpp Q8_0"), ("HAVOC int4", "llama.cpp Q4_0"),
              ("HAVOC int4", "llama.cpp Q4_K_M")]
     if args.compile:
-        pairs += [("HAVOC bf16 compiled", "llama.cpp BF16"), ("HAVOC int4 compiled", "llama.cpp Q4_0"),
+        pairs += [("HAVOC bf16 compiled", "llama.cpp BF16"), ("HAVOC int8 compiled", "llama.cpp Q8_0"),
+                  ("HAVOC int4 compiled", "llama.cpp Q4_0"),
                   ("HAVOC int4 compiled", "llama.cpp Q4_K_M")]
-        prefill |= {f"{name} compiled": prefill[name] for name in ("HAVOC bf16", "HAVOC int4")}  # (eager prefill)
+        compiled = ("HAVOC bf16", "HAVOC int8", "HAVOC int4")
+        prefill |= {f"{name} compiled": prefill[name] for name in compiled}  # (eager prefill)
     return {"params": cfg.num_parameters(), "llama_cpp_repack": repack,
             "decode_tokens_per_s": decode, "prefill_512_s": prefill,
             "decode_ratio": {f"{a} / {b}": decode[a] / decode[b] for a, b in pairs},
@@ -149,7 +151,7 @@ def main() -> None:
     ap.add_argument("--prefill-repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--f16", action="store_true", help="also a llama.cpp F16 file")
-    ap.add_argument("--compile", action="store_true", help="also HAVOC bf16 and int4 with a torch.compile'd step")
+    ap.add_argument("--compile", action="store_true", help="also HAVOC bf16, int8 and int4 with a torch.compile'd step")
     ap.add_argument("--tmp", help="where the checkpoints and .gguf files go (default: a temporary dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -83,20 +83,31 @@ def test_the_plan_says_what_it_chose():
     assert plan(LARGE, cpu=AVX2, quantize="int4").describe() == \
         "cpu (AVX2, no native bf16): decode int4 (HAVOC avx2), prefill fp32"
     assert plan(SMALL, device="cuda").describe() == "cuda: decode bf16, prefill bf16"
+    # int8 in a one-slot engine (chat) runs HAVOC's kernel; batching engines fbgemm's (faster on 8 rows)
+    assert plan(SMALL, cpu=AVX512, quantize="int8").describe() == \
+        "cpu (AVX512, native bf16): decode int8 (HAVOC avx512-vnni), prefill bf16 (int8 dequantized)"
+    assert plan(SMALL, cpu=AVX2, quantize="int8").describe() == \
+        "cpu (AVX2, no native bf16): decode int8 (HAVOC avx2), prefill fp32"
 
 
-def test_the_int4_kernel_follows_the_cpu(monkeypatch):
-    """HAVOC's int4 kernel: its VNNI build where torch runs AVX-512 on a CPU with VNNI, its AVX2 build
-    on AVX2 (and AVX-512 without VNNI), ATen's int4pack elsewhere or when asked for."""
+def test_the_quant_kernel_follows_the_cpu(monkeypatch):
+    """HAVOC's int4 and int8 kernels: their VNNI build where torch runs AVX-512 on a CPU with VNNI,
+    their AVX2 build on AVX2 (and AVX-512 without VNNI), ATen's int4pack and fbgemm's int8 elsewhere
+    or when asked for."""
     def int4(cpu: CpuInfo) -> str:
         return plan(LARGE, cpu=cpu, quantize="int4").kernels(1)
+
+    def int8(cpu: CpuInfo) -> str:
+        return plan(LARGE, cpu=cpu, quantize="int8").kernels(1)
 
     assert int4(AVX512) == "int4 (HAVOC avx512-vnni)"
     assert int4(CpuInfo("AVX512", native_bf16=False)) == "int4 (HAVOC avx2)"
     assert int4(AVX2) == "int4 (HAVOC avx2)"
     assert int4(CpuInfo("DEFAULT", native_bf16=False)) == "int4 (ATen int4pack)"
-    monkeypatch.setenv("HAVOC_INT4_KERNEL", "aten")
-    assert int4(AVX512) == "int4 (ATen int4pack)"
+    assert int8(AVX512) == "int8 (HAVOC avx512-vnni)" and int8(AVX2) == "int8 (HAVOC avx2)"
+    assert int8(CpuInfo("DEFAULT", native_bf16=False)) == "int8 (fbgemm)"
+    monkeypatch.setenv("HAVOC_OWN_KERNELS", "0")
+    assert int4(AVX512) == "int4 (ATen int4pack)" and int8(AVX512) == "int8 (fbgemm)"
 
 
 def test_this_machine_is_described_as_torch_runs_it():

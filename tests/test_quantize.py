@@ -83,7 +83,7 @@ def test_quantized_logits_are_the_same_on_an_avx2_cpu(float_checkpoint, tmp_path
     older CPUs): with 7-bit activations (``reduce_range``) both sum exact integer products, so a
     chat (one slot: plain rows) and a server (row-wise ranges, ``InferenceLinear._int8``) give the
     same logits and tokens, bit for bit, under this machine's kernels and under AVX2 emulation.
-    HAVOC's int4 kernel has an AVX2 build made to give the same bits (``int4_kernel``)."""
+    HAVOC's int4 kernel has an AVX2 build made to give the same bits (``quant_kernel``)."""
     out = tmp_path / "avx2.pt"
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from test_quantize import run; "
             "torch.save(run(sys.argv[2], int(sys.argv[3]), quantize=sys.argv[5]), sys.argv[4])")

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from havoc_core import quant_kernel
 from havoc_core.config import format_params
 from havoc_core.engine import Engine
 from havoc_core.errors import HavocError
@@ -257,10 +258,11 @@ def run_chat(checkpoint: str | Path | None = None, *, system: str | None = None,
     _utf8_console()
     loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     _banner(loaded, sys.stderr if prompt is not None else sys.stdout)
-    if compile and loaded.plan.quantize == "int8" and loaded.plan.device == "cpu":
-        # fbgemm's packed int8 weight is opaque to torch.compile: every product is a graph break and
-        # the compiled step measured 1.6x slower than eager, after 15 s of compiling (docs/LOG.md)
-        print("note: --compile ignored for int8 weights on CPU (fbgemm's products cannot be compiled; "
+    if (compile and loaded.plan.quantize == "int8" and loaded.plan.device == "cpu"
+            and not isinstance(quant_kernel.load(), quant_kernel.Kernel)):
+        # fbgemm's packed int8 weight (where HAVOC's kernel is not built) is opaque to torch.compile:
+        # every product is a graph break, and that step measured 1.6x slower than eager (docs/LOG.md)
+        print("note: --compile ignored for int8 weights on this CPU (fbgemm's products cannot be compiled; "
               "eager is faster)", file=sys.stderr)
         compile = False
     session = ChatSession(loaded.model, loaded.tokenizer, system=system, params=params, compile=compile)

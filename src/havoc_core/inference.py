@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from havoc_core import int4_kernel, integrity
+from havoc_core import integrity, quant_kernel
 from havoc_core.attention import Attention
 from havoc_core.checkpoint import (
     OPTIMIZER_FILE,
@@ -46,7 +46,7 @@ from havoc_core.precision import (
 from havoc_core.quantized import (
     INT4_GROUP,
     head_quantize,
-    int4_kernel_layout,
+    int4pack_layout,
     quantize_matrix,
     stored_quantization,
     take,
@@ -67,11 +67,11 @@ class InferenceLinear(nn.Module):
     Kernels on CPU, by what measured fastest here (docs/LOG.md):
     - one row of half-precision activations: ``F.linear``, which the engine runs on ATen's own
       kernel (``engine.slot_kernels``): up to 2.5x oneDNN's rate on small matrices;
-    - int8: fbgemm's int8 kernel, which also rounds the activations to 8 bits (row by row, on the
-      fly: ``_int8``): integer dot products make int8 faster than bf16 and fp32 on a CPU without
-      native bf16, prefills included;
-    - int4: HAVOC's own kernel (``int4_kernel``) for up to ``int4_kernel.KERNEL_ROWS`` rows, a float
-      matmul on the dequantized matrix for more; ATen's int4pack kernel where ours cannot be built;
+    - int4 and int8: HAVOC's own kernels (``quant_kernel``) for up to ``quant_kernel.KERNEL_ROWS``
+      rows, a float matmul on the dequantized matrix for more; in batching engines fbgemm's int8
+      kernel (faster on several rows). Both round the activations to 8 bits on the fly: integer dot
+      products make int8 faster than bf16 and fp32 on a CPU without native bf16. ATen's int4pack
+      and fbgemm's int8 kernels where ours cannot be built;
     - several rows (and single fp32 rows), after ``pack()``: oneDNN on a copy of the weight in its
       blocked layout."""
 
@@ -91,11 +91,11 @@ class InferenceLinear(nn.Module):
         scale = parts.get("scale")
         if "qweight" in parts:  # the kernel's own layout is made here: ATen's differs between CPU kinds
             qweight, qscale = parts["qweight"], parts["qscale"]
-            kernel = int4_kernel.load() if qweight.device.type == "cpu" else None
-            if isinstance(kernel, int4_kernel.Kernel):
-                self.int4 = (int4_kernel.layout(qweight, qscale), None)
+            kernel = quant_kernel.load() if qweight.device.type == "cpu" else None
+            if isinstance(kernel, quant_kernel.Kernel):
+                self.int4 = (quant_kernel.int4_layout(qweight, qscale), None)
             else:
-                self.int4 = (int4_kernel_layout(qweight), qscale.to(torch.bfloat16).contiguous())
+                self.int4 = (int4pack_layout(qweight), qscale.to(torch.bfloat16).contiguous())
             self.int4_shape = (qweight.shape[0], qweight.shape[1] * 2)
             weight = torch.empty(0, dtype=dtype, device=qweight.device)
         elif scale is not None:
@@ -106,6 +106,7 @@ class InferenceLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self._fbgemm: Any = None  # fbgemm's layout of an int8 weight, made on first CPU use
+        self._own: Any = None  # HAVOC's kernel's layout of an int8 weight (``_own_ready``)
         self._anchor: Tensor | None = None  # the row that fixes the int8 kernel's range (see _int8)
         self._onednn: Tensor | None = None  # oneDNN's layout of a float weight, made by pack()
         self._onednn_version: int | None = None  # the weight's version counter when it was packed
@@ -142,11 +143,11 @@ class InferenceLinear(nn.Module):
                                              or torch.backends.mkldnn.enabled)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), ...: the layouts are of the old tensors
-        self._onednn, self._fbgemm = None, None
+        self._onednn, self._fbgemm, self._own = None, None, None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the opaque layouts out
-        return {**super().__getstate__(), "_onednn": None, "_fbgemm": None}
+        return {**super().__getstate__(), "_onednn": None, "_fbgemm": None, "_own": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.int4 is not None:
@@ -160,19 +161,20 @@ class InferenceLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _int8(self, x: Tensor) -> Tensor:
-        """fbgemm's kernel rounds the activations to 8 bits with one range for the whole call: over
-        several rows, a row's result would depend on the rows beside it (a seeded request got other
-        tokens when batched) and one outlier token would coarsen a whole prompt. So each row is
-        divided by its own largest magnitude and an anchor row [1, -1, 0, ...] is appended: the
-        call's range is then always [-1, 1], each row is rounded as it would be alone, and the
-        integer products are exact, so a row's result is the same in any batch. A single row of a
-        one-slot engine (chat) takes the plain call (its range is its own; the wrapper costs ~20%
-        of a havoc-small step); batching engines set ``same_in_any_batch`` so that their single
-        rows round as in a batch. Prefills take it too: 1.7x faster than a weight-only product on
-        havoc-small's 512-token prefill (docs/LOG.md)."""
+        """HAVOC's kernel (``quant_kernel``; one custom operator under torch.compile) where it is
+        built, except in batching engines: fbgemm's kernel is 1.2-3x faster on 8 rows. fbgemm rounds
+        the activations to 8 bits with one range for the whole call: over several rows, a row's
+        result would depend on the rows beside it (a seeded request got other tokens when batched)
+        and one outlier token would coarsen a whole prompt. So each row is divided by its own
+        largest magnitude and an anchor row [1, -1, 0, ...] is appended: the call's range is then
+        always [-1, 1], each row is rounded as it would be alone, and the integer products are
+        exact, so a row's result is the same in any batch. Batching engines set
+        ``same_in_any_batch`` so that their single rows round as in a batch."""
         if x.device.type != "cpu" or not self._fbgemm_ready():
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
+        if not InferenceLinear.same_in_any_batch and self._own_ready():
+            return self._own_product(x, self._own, self.weight.shape[0], self.scale)
         x32 = x if x.dtype == torch.float32 else x.float()
         if x.numel() == x.shape[-1] and not InferenceLinear.same_in_any_batch:
             y = _LINEAR_DYNAMIC(x32, self._fbgemm, True)  # (any leading dims of size 1)
@@ -185,25 +187,39 @@ class InferenceLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int4(self, x: Tensor) -> Tensor:
-        """Ours (module docstring; one custom operator under torch.compile), or ATen's int4 kernel on
-        bf16 activations (on fp32 ones it measured several times slower)."""
+        """Ours (``quant_kernel``), or ATen's int4 kernel on bf16 activations (on fp32 ones it
+        measured several times slower)."""
         packed, scales_zeros = self.int4  # type: ignore[misc]
         if scales_zeros is None:
-            n, k = self.int4_shape
-            if torch.compiler.is_compiling():
-                y = int4_kernel.compiled_linear(x, packed, n)
-            elif x.numel() <= int4_kernel.KERNEL_ROWS * k:
-                y = int4_kernel.load().linear(x, packed, n)  # type: ignore[union-attr]
-            else:  # a prefill: compute-bound, so the CPU's fastest float matmul (bf16 where native)
-                dtype = torch.bfloat16 if CpuInfo.detect().native_bf16 else x.dtype
-                y = int4_kernel.load().matmul(x, packed, n, dtype)  # type: ignore[union-attr]
-        else:
-            x2 = x.reshape(-1, x.shape[-1])
-            x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
-            y = y.view(*x.shape[:-1], -1)
+            return self._own_product(x, packed, self.int4_shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros).view(*x.shape[:-1], -1)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _own_product(self, x: Tensor, packed: Tensor, n: int, scale: Tensor | None = None) -> Tensor:
+        """HAVOC's int4 (``scale`` None) or int8 product: the kernel for up to ``KERNEL_ROWS`` rows, a
+        float matmul on the dequantized matrix for more (a prefill: compute-bound, so in the CPU's
+        fastest dtype, bf16 where native)."""
+        if torch.compiler.is_compiling():
+            y = (quant_kernel.compiled_int4_linear(x, packed, n) if scale is None
+                 else quant_kernel.compiled_int8_linear(x, packed, scale, n))
+        elif x.numel() <= quant_kernel.KERNEL_ROWS * x.shape[-1]:
+            y = quant_kernel.load().linear(x, packed, n, scale)  # type: ignore[union-attr]
+        else:
+            dtype = torch.bfloat16 if CpuInfo.detect().native_bf16 else x.dtype
+            y = quant_kernel.load().matmul(x, packed, n, dtype, scale)  # type: ignore[union-attr]
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _own_ready(self) -> bool:
+        """Make HAVOC's kernel's layout of the int8 weight once (on first use: batching engines,
+        which take fbgemm's, never make it); False where the kernel is not built."""
+        if self._own is None:
+            own = isinstance(quant_kernel.load(), quant_kernel.Kernel)
+            self._own = quant_kernel.int8_layout(self.weight) if own else False
+        return self._own is not False
 
     def _fbgemm_ready(self) -> bool:
         """Pack the int8 weight for the CPU kernel once; False where no quantized engine exists."""

@@ -72,13 +72,13 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def int4_kernel_isa(cpu: CpuInfo | None = None) -> str | None:
-    """Which build of HAVOC's int4 kernel (``int4_kernel``) a CPU runs: "avx512-vnni" where torch runs
-    AVX-512 kernels on a CPU with VNNI, "avx2" where it runs AVX2 ones (also on an AVX-512 CPU lowered
-    by ``ATEN_CPU_CAPABILITY=avx2``), else None: ATen's int4pack kernel. ``HAVOC_INT4_KERNEL=aten``
-    picks ATen's anywhere (to compare them)."""
+def kernel_isa(cpu: CpuInfo | None = None) -> str | None:
+    """Which build of HAVOC's int4/int8 kernels (``quant_kernel``) a CPU runs: "avx512-vnni" where torch
+    runs AVX-512 kernels on a CPU with VNNI, "avx2" where it runs AVX2 ones (also on an AVX-512 CPU
+    lowered by ``ATEN_CPU_CAPABILITY=avx2``), else None: ATen's int4pack and fbgemm's int8 kernels.
+    ``HAVOC_OWN_KERNELS=0`` picks those anywhere (to compare them)."""
     cpu = cpu or CpuInfo.detect()
-    if os.environ.get("HAVOC_INT4_KERNEL") == "aten":
+    if os.environ.get("HAVOC_OWN_KERNELS") == "0":
         return None
     if cpu.capability == "AVX512" and cpu.vnni:
         return "avx512-vnni"
@@ -112,7 +112,7 @@ def weights_dtype(dtype: str, n_params: int, device: str, quantize: Quantize | N
     if not device.startswith("cpu"):
         return torch.bfloat16
     if quantize == "int4":
-        return torch.float32 if int4_kernel_isa(cpu) else torch.bfloat16
+        return torch.float32 if kernel_isa(cpu) else torch.bfloat16
     if quantize:
         return torch.float32
     return torch.bfloat16 if n_params >= BF16_DECODE_FROM or (cpu or CpuInfo.detect()).native_bf16 else torch.float32
@@ -181,10 +181,13 @@ class InferencePlan:
     def kernels(self, rows: int) -> str:
         """The matmul of a decode step of ``rows`` rows, as the engine runs it (``InferenceLinear``)."""
         if self.quantize == "int4":
-            isa = int4_kernel_isa(self.cpu)
+            isa = kernel_isa(self.cpu)
             return f"int4 (HAVOC {isa})" if isa else "int4 (ATen int4pack)"
         if self.quantize == "int8":
-            return "int8 (fbgemm)" if self.device.startswith("cpu") else "int8 (dequantised)"
+            if not self.device.startswith("cpu"):
+                return "int8 (dequantised)"
+            isa = kernel_isa(self.cpu)  # (batching engines: fbgemm's, 1.2-3x faster on several rows)
+            return f"int8 (HAVOC {isa})" if isa and not self.batching else "int8 (fbgemm)"
         name = NAMES[self.weights]
         if not self.device.startswith("cpu"):
             return name
@@ -199,8 +202,9 @@ class InferencePlan:
         where = f"{self.device} ({self.cpu})" if self.cpu else self.device
         batch = f", batch {self.kernels(8)}" if self.batching else ""
         prefill = NAMES[self.prefill]
-        if self.quantize == "int4" and int4_kernel_isa(self.cpu) and self.cpu and self.cpu.native_bf16:
-            prefill = "bf16 (int4 dequantized)"  # int4_kernel: a float matmul, in the CPU's fastest dtype
+        own = self.quantize == "int4" or (self.quantize == "int8" and not self.batching)
+        if own and kernel_isa(self.cpu) and self.cpu and self.cpu.native_bf16:
+            prefill = f"bf16 ({self.quantize} dequantized)"  # quant_kernel: a float matmul, in the CPU's fastest dtype
         return f"{where}: decode {self.kernels(1)}{batch}, prefill {prefill}"
 
 

@@ -54,7 +54,7 @@ def quantize_matrix(weight: Tensor, quantize: Quantize) -> dict[str, Tensor]:
     return {"qweight": q[..., 0] | (q[..., 1] << 4), "qscale": scales_zeros.transpose(0, 1).contiguous().bfloat16()}
 
 
-def int4_kernel_layout(qweight: Tensor) -> Tensor:
+def int4pack_layout(qweight: Tensor) -> Tensor:
     """ATen's packed layout of int4 codes: it depends on the CPU kind (AVX2 and AVX-512 builds
     interleave differently), so it is made at load time and never stored."""
     codes = torch.stack([qweight & 15, qweight >> 4], -1).view(qweight.shape[0], -1).to(torch.int32)

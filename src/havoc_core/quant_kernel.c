@@ -1,4 +1,4 @@
-// HAVOC's int4 x int8 product on x86 CPUs (see int4_kernel.py for why and for the layout).
+// HAVOC's int4 and int8 products (x int8 activations) on x86 CPUs (see quant_kernel.py for why and the layouts).
 // Built twice from this one file: with AVX-512 VNNI (-DHAVOC_AVX512) and with AVX2 + FMA. Both
 // compute every output with the same float operations in the same order (the integer parts are
 // exact), so a model's logits are bit-identical on either kind of CPU, and a row's result does
@@ -9,24 +9,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { TILE = 4, CODE_BYTES = TILE * 64, BLOCK_BYTES = CODE_BYTES + 64, ROWS_PER_PASS = 4 };
+enum { TILE = 4, CODE_BYTES = TILE * 64, BLOCK_BYTES = CODE_BYTES + 64, BLOCK8_BYTES = TILE * 128, ROWS_PER_PASS = 4 };
 // Bytes ahead of the block being read that are prefetched (into L2): streaming 0.66 GB of havoc-2b's
 // matrices went from 14.8 to 17-18 GB/s (AVX2 build: 14.5 to 16; docs/LOG.md). 2-10 KB ahead
 // measured alike, into L1 less well. (__builtin_prefetch: GCC dropped _mm_prefetch in a helper.)
 enum { PREFETCH_AHEAD = 5120 };
 
-static inline void prefetch_block(const uint8_t* wb) {
-  for (int l = 0; l < BLOCK_BYTES; l += 64) __builtin_prefetch(wb + PREFETCH_AHEAD + l, 0, 2);
+static inline void prefetch_lines(const uint8_t* wb, int bytes) {
+  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(wb + PREFETCH_AHEAD + l, 0, 2);
 }
 
 // One block (4 groups of 32 inputs) of one row of activations, rounded to int8 per group:
-// xq: the 4 groups' inputs 0..15, then their inputs 16..31; sx, c, s8: per output lane
-// 4 i + r (group i, tile row r): the group's scale, scale x sum of its codes, 8 x sum.
+// xq: the 4 groups' inputs 0..15, then their inputs 16..31; sx, c, sum: per output lane
+// 4 i + r (group i, tile row r): the group's scale, scale x sum of its codes, the sum.
 typedef struct {
   int8_t xq[128];
   float sx[16];
   float c[16];
-  int32_t s8[16];
+  int32_t sum[16];
 } xblock;
 
 static inline float from_bf16(uint16_t h) {
@@ -65,7 +65,7 @@ static void quantize_row(const void* x, int x_bf16, int64_t K, int64_t B, xblock
     for (int r = 0; r < TILE; ++r) {
       xb->sx[4 * i + r] = scale;
       xb->c[4 * i + r] = scale * (float)sum;
-      xb->s8[4 * i + r] = 8 * sum;
+      xb->sum[4 * i + r] = sum;
     }
   }
 }
@@ -90,7 +90,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * BLOCK_BYTES;
-    prefetch_block(wb);
+    prefetch_lines(wb, BLOCK_BYTES);
     __m512i lo[TILE], hi[TILE];
     for (int r = 0; r < TILE; ++r) {
       const __m512i codes = _mm512_loadu_si512(wb + 64 * r);
@@ -104,9 +104,40 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
       __m512i d[TILE];
       for (int r = 0; r < TILE; ++r)
         d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
-      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]), _mm512_loadu_si512(x->s8));
+      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]),
+                                             _mm512_slli_epi32(_mm512_loadu_si512(x->sum), 3));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_loadu_ps(x->sx)), acc[m]);
       acc[m] = _mm512_fmadd_ps(z, _mm512_loadu_ps(x->c), acc[m]);
+    }
+  }
+  for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
+}
+
+// int8 codes (signed) of 4 rows: 128 bytes a row and block, inputs 0..15 of the 4 groups then their
+// inputs 16..31, as xq. VNNI multiplies unsigned by signed bytes: the codes are offset by 128 (a
+// flipped sign bit), and 128 x the group's activation sum is taken off the exact integer sum.
+static inline __attribute__((always_inline)) void tile8(const uint8_t* w, const xblock* xb, int64_t B, int rows,
+                                                        float out[ROWS_PER_PASS][16]) {
+  __m512 acc[ROWS_PER_PASS];
+  for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * BLOCK8_BYTES;
+    prefetch_lines(wb, BLOCK8_BYTES);
+    __m512i lo[TILE], hi[TILE];
+    for (int r = 0; r < TILE; ++r) {
+      lo[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r), flip);
+      hi[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r + 64), flip);
+    }
+    for (int m = 0; m < rows; ++m) {
+      const xblock* x = xb + m * B + b;
+      const __m512i xl = _mm512_loadu_si512(x->xq), xh = _mm512_loadu_si512(x->xq + 64);
+      __m512i d[TILE];
+      for (int r = 0; r < TILE; ++r)
+        d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
+      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]),
+                                           _mm512_slli_epi32(_mm512_loadu_si512(x->sum), 7));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(x->sx), acc[m]);
     }
   }
   for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
@@ -138,7 +169,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
   for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * BLOCK_BYTES;
-    prefetch_block(wb);
+    prefetch_lines(wb, BLOCK_BYTES);
     for (int h = 0; h < 2; ++h) {  // groups 2h and 2h + 1: lanes 8h .. 8h + 7
       __m256i codes[TILE];
       for (int r = 0; r < TILE; ++r) codes[r] = _mm256_loadu_si256((const __m256i*)(wb + 64 * r + 32 * h));
@@ -149,7 +180,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
         const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
         const __m256i sums = transpose_add(dot32(codes[0], xl, xh), dot32(codes[1], xl, xh),
                                            dot32(codes[2], xl, xh), dot32(codes[3], xl, xh));
-        const __m256i dot = _mm256_sub_epi32(sums, _mm256_loadu_si256((const __m256i*)(x->s8 + 8 * h)));
+        const __m256i dot = _mm256_sub_epi32(sums, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(x->sum + 8 * h)), 3));
         acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_loadu_ps(x->sx + 8 * h)),
                                     acc[m][h]);
         acc[m][h] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x->c + 8 * h), acc[m][h]);
@@ -161,22 +192,66 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
     _mm256_storeu_ps(out[m] + 8, acc[m][1]);
   }
 }
+
+// signed bytes x signed bytes, AVX2's way: |w| x (x with w's sign), pairs in 16 bits (at most
+// 2 x 127 x 127: no saturation), then 32-bit sums
+static inline __m256i dot32_8(__m256i cl, __m256i ch, __m256i xl, __m256i xh) {
+  const __m256i one = _mm256_set1_epi16(1);
+  const __m256i a = _mm256_maddubs_epi16(_mm256_sign_epi8(cl, cl), _mm256_sign_epi8(xl, cl));
+  const __m256i b = _mm256_maddubs_epi16(_mm256_sign_epi8(ch, ch), _mm256_sign_epi8(xh, ch));
+  return _mm256_add_epi32(_mm256_madd_epi16(a, one), _mm256_madd_epi16(b, one));
+}
+
+static inline __attribute__((always_inline)) void tile8(const uint8_t* w, const xblock* xb, int64_t B, int rows,
+                                                        float out[ROWS_PER_PASS][16]) {
+  __m256 acc[ROWS_PER_PASS][2];
+  for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = w + b * BLOCK8_BYTES;
+    prefetch_lines(wb, BLOCK8_BYTES);
+    for (int h = 0; h < 2; ++h) {
+      __m256i cl[TILE], ch[TILE];
+      for (int r = 0; r < TILE; ++r) {
+        cl[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 32 * h));
+        ch[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 64 + 32 * h));
+      }
+      for (int m = 0; m < rows; ++m) {
+        const xblock* x = xb + m * B + b;
+        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x->xq + 32 * h));
+        const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
+        const __m256i dot = transpose_add(dot32_8(cl[0], ch[0], xl, xh), dot32_8(cl[1], ch[1], xl, xh),
+                                          dot32_8(cl[2], ch[2], xl, xh), dot32_8(cl[3], ch[3], xl, xh));
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(x->sx + 8 * h), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m) {
+    _mm256_storeu_ps(out[m], acc[m][0]);
+    _mm256_storeu_ps(out[m] + 8, acc[m][1]);
+  }
+}
 #endif
 
-static void tile_rows(const uint8_t* w, const xblock* xb, int64_t B, int rows, float out[ROWS_PER_PASS][16]) {
-  switch (rows) {  // a constant count each: the accumulators stay in registers
+static void tile_rows(int bits, const uint8_t* w, const xblock* xb, int64_t B, int rows,
+                      float out[ROWS_PER_PASS][16]) {
+  switch (rows * (bits == 8 ? -1 : 1)) {  // a constant count each: the accumulators stay in registers
     case 1: tile(w, xb, B, 1, out); break;
     case 2: tile(w, xb, B, 2, out); break;
     case 3: tile(w, xb, B, 3, out); break;
-    default: tile(w, xb, B, 4, out); break;
+    case 4: tile(w, xb, B, 4, out); break;
+    case -1: tile8(w, xb, B, 1, out); break;
+    case -2: tile8(w, xb, B, 2, out); break;
+    case -3: tile8(w, xb, B, 3, out); break;
+    default: tile8(w, xb, B, 4, out); break;
   }
 }
 
-// y [M, N] = x [M, K] times the int4 matrix w [N, K] in the tiled layout (fp32 or bf16 x and y).
-// Returns 0, or -1 when out of memory.
-int havoc_int4_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w, int64_t N, void* y,
-                      int y_bf16, int threads) {
-  const int64_t B = (K / 32 + 3) / 4, tiles = (N + TILE - 1) / TILE;
+// y [M, N] = x [M, K] times the matrix w [N, K] in the tiled layout of ``bits`` (fp32 or bf16 x and y),
+// each output times scale[n] where scale is given (int8's one scale per row).
+static int linear(int bits, const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w, const float* scale,
+                  int64_t N, void* y, int y_bf16, int threads) {
+  const int64_t B = (K + 127) / 128, tiles = (N + TILE - 1) / TILE;
+  const int64_t tile_bytes = B * (bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES);
   xblock* xb = (xblock*)malloc((size_t)(M * B) * sizeof(xblock));
   if (!xb) return -1;
   for (int64_t m = 0; m < M; ++m)
@@ -186,10 +261,11 @@ int havoc_int4_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uin
     for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
       const int rows = (int)(M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS);
       float out[ROWS_PER_PASS][16];
-      tile_rows(w + t * B * BLOCK_BYTES, xb + m0 * B, B, rows, out);
+      tile_rows(bits, w + t * tile_bytes, xb + m0 * B, B, rows, out);
       for (int m = 0; m < rows; ++m) {
         for (int r = 0; r < TILE && t * TILE + r < N; ++r) {
-          const float v = (out[m][r] + out[m][4 + r]) + (out[m][8 + r] + out[m][12 + r]);
+          float v = (out[m][r] + out[m][4 + r]) + (out[m][8 + r] + out[m][12 + r]);
+          if (scale) v *= scale[t * TILE + r];
           const int64_t at = (m0 + m) * N + t * TILE + r;
           if (y_bf16) ((uint16_t*)y)[at] = to_bf16(v);
           else ((float*)y)[at] = v;
@@ -199,6 +275,17 @@ int havoc_int4_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uin
   }
   free(xb);
   return 0;
+}
+
+// Returns 0, or -1 when out of memory.
+int havoc_int4_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w, int64_t N, void* y,
+                      int y_bf16, int threads) {
+  return linear(4, x, x_bf16, M, K, w, NULL, N, y, y_bf16, threads);
+}
+
+int havoc_int8_linear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w, const float* scale,
+                      int64_t N, void* y, int y_bf16, int threads) {
+  return linear(8, x, x_bf16, M, K, w, scale, N, y, y_bf16, threads);
 }
 
 // out = the matrix w stands for, value = scale x (code - 8) + zero (fp32 or bf16), for products
@@ -230,6 +317,32 @@ void havoc_int4_dequantize(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, 
         }
       } else {
         memcpy((float*)out + (n - n0) * K + 32 * g, v, sizeof v);
+      }
+    }
+  }
+}
+
+// The int8 matrix's rows n0 .. n1 - 1 as floats (code x the row's scale), into out [n1 - n0, K].
+void havoc_int8_dequantize(const uint8_t* w, const float* scale, int64_t K, int64_t n0, int64_t n1, void* out,
+                           int out_bf16, int threads) {
+  const int64_t B = (K + 127) / 128, G = (K + 31) / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = n0; n < n1; ++n) {
+    const int r = (int)(n % TILE);
+    const float s = scale[n];
+    for (int64_t g = 0; g < G; ++g) {
+      const int8_t* codes = (const int8_t*)w + ((n / TILE) * B + g / 4) * BLOCK8_BYTES + 128 * r + 16 * (g % 4);
+      float v[32];
+      for (int j = 0; j < 16; ++j) {
+        v[j] = s * (float)codes[j];
+        v[16 + j] = s * (float)codes[64 + j];
+      }
+      const int len = (int)(K - 32 * g < 32 ? K - 32 * g : 32);
+      if (out_bf16) {
+        uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
+        for (int j = 0; j < len; ++j) o[j] = to_bf16(v[j]);
+      } else {
+        memcpy((float*)out + (n - n0) * K + 32 * g, v, (size_t)len * sizeof(float));
       }
     }
   }

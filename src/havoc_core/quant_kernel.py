@@ -1,23 +1,26 @@
-"""HAVOC's own int4 product for x86 CPUs (``int4_kernel.c``), built on first use with the system's C
-compiler and cached; ATen's int4pack kernel stays where it cannot be built.
+"""HAVOC's own int4 and int8 products for x86 CPUs (``quant_kernel.c``), built on first use with the
+system's C compiler and cached; ATen's int4pack and fbgemm's int8 kernels stay where it cannot be built.
 
-Why a kernel of our own (issue 18, docs/LOG.md 2026-12-06): ATen's ``_weight_int4pack_mm_for_cpu``
+Why kernels of our own (issue 18, docs/LOG.md 2026-12-06): ATen's ``_weight_int4pack_mm_for_cpu``
 is compute-bound at ~9 GB/s of codes per core, ``_dyn_quant_matmul_4bit`` is a reference loop on
-x86 and torchao ships no x86 kernels, so no well-kept kernel comes near llama.cpp's Q4_0. This one
-works as llama.cpp's does: each group of 32 activations is rounded to int8 with its own scale, so a
-group's product is an exact integer dot product of 4-bit codes and 8-bit values (AVX-512 VNNI, or
+x86 and torchao ships no x86 kernels, so no well-kept kernel comes near llama.cpp's Q4_0; fbgemm's
+int8 product is fast but opaque to ``torch.compile`` (a graph break per product). These work as
+llama.cpp's do: each group of 32 activations is rounded to int8 with its own scale, so a group's
+product is an exact integer dot product of 4- or 8-bit codes and 8-bit values (AVX-512 VNNI, or
 AVX2's pair sums), scaled once in fp32.
 
-- Layout (made at load time from the stored ``qweight``/``qscale``, never stored): output rows in
-  tiles of 4, inputs in blocks of 128 (4 groups); per tile and block 320 bytes: each row's 64 bytes
+- Layouts (made at load time from the stored parts, never stored): output rows in tiles of 4,
+  inputs in blocks of 128 (4 groups of 32). int4, 320 bytes per tile and block: each row's 64 bytes
   of codes (byte 16 i + j: input j of group i in the low nibble, input j + 16 in the high one),
-  then the 16 bf16 scales and the 16 bf16 zeros, group-major.
+  then the 16 bf16 scales and the 16 bf16 zeros, group-major. int8, 512 bytes: each row's 128
+  codes, inputs 0..15 of its 4 groups (byte 16 i + j), then their inputs 16..31; one fp32 scale
+  per row beside them.
 - The AVX-512 and AVX2 builds make every output with the same float operations in the same order,
   so logits are bit-identical on both CPU kinds, and a row's result is the same in any batch.
 - Up to ``KERNEL_ROWS`` rows per call (decode steps) run in the kernel, reading the codes once;
   longer calls (prefills) dequantize ``MATMUL_ROWS`` matrix rows at a time for a float matmul:
-  compute-bound work the CPU's matmul units do faster than any int4 kernel (2.2-2.5x ATen's int4
-  kernel on a 512-token prefill).
+  compute-bound work the CPU's matmul units do faster (2.2-2.5x ATen's int4 kernel on a 512-token
+  prefill).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from havoc_core.atomic import atomic_path
-from havoc_core.precision import int4_kernel_isa
+from havoc_core.precision import kernel_isa
 
-SOURCE = Path(__file__).with_name("int4_kernel.c")
+SOURCE = Path(__file__).with_name("quant_kernel.c")
 KERNEL_ROWS = 64  # calls with more rows than this dequantize and run a float matmul (docs/LOG.md)
 MATMUL_ROWS = 512  # matrix rows dequantized per float matmul (a slice of a few MB, in cache)
 FLAGS = {"avx512-vnni": ["-DHAVOC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"],
@@ -52,45 +55,62 @@ def cache_dir() -> Path:
 
 
 class Kernel:
-    """The built library of one ISA, called through ctypes (which releases the GIL)."""
+    """The built library of one ISA, called through ctypes (which releases the GIL). Kept to a few
+    Python calls per product: a havoc-small decode step makes 49 of them."""
 
     def __init__(self, path: Path, isa: str) -> None:
         self.isa = isa
         lib = ctypes.CDLL(str(path))
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        self._linear = lib.havoc_int4_linear
-        self._linear.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, c_int, c_int]
-        self._linear.restype = c_int
-        self._dequantize = lib.havoc_int4_dequantize
-        self._dequantize.argtypes = [ptr, i64, i64, i64, ptr, c_int, c_int]
-        self._dequantize.restype = None
+        self._int4 = lib.havoc_int4_linear
+        self._int4.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, c_int, c_int]
+        self._int4.restype = c_int
+        self._int8 = lib.havoc_int8_linear
+        self._int8.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int, c_int]
+        self._int8.restype = c_int
+        self._int4_dequantize = lib.havoc_int4_dequantize
+        self._int4_dequantize.argtypes = [ptr, i64, i64, i64, ptr, c_int, c_int]
+        self._int4_dequantize.restype = None
+        self._int8_dequantize = lib.havoc_int8_dequantize
+        self._int8_dequantize.argtypes = [ptr, ptr, i64, i64, i64, ptr, c_int, c_int]
+        self._int8_dequantize.restype = None
 
-    def linear(self, x: Tensor, packed: Tensor, n: int) -> Tensor:
-        """x [..., K] (fp32 or bf16; other dtypes compute in fp32) times the matrix in ``packed``: [..., n].
-        Kept to a few Python calls: a havoc-small decode step makes 48 of them."""
+    def linear(self, x: Tensor, packed: Tensor, n: int, scale: Tensor | None = None) -> Tensor:
+        """x [..., K] (fp32 or bf16; other dtypes compute in fp32) times the matrix in ``packed``:
+        [..., n]. int4 (``int4_layout``), or int8 (``int8_layout``) with its fp32 row ``scale``."""
         if x.dtype is not torch.bfloat16 and x.dtype is not torch.float32:
             x = x.float()
         x = x.contiguous()
         k = x.shape[-1]
         y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        half = x.dtype is torch.bfloat16
-        if self._linear(x.data_ptr(), half, x.numel() // k, k, packed.data_ptr(), n, y.data_ptr(), half,
-                        torch.get_num_threads()):
-            raise MemoryError(f"int4 kernel: no memory for {x.numel() // k} rows of {k} activations")
+        half, threads = x.dtype is torch.bfloat16, torch.get_num_threads()
+        if scale is None:
+            failed = self._int4(x.data_ptr(), half, x.numel() // k, k, packed.data_ptr(), n, y.data_ptr(), half,
+                                threads)
+        else:
+            failed = self._int8(x.data_ptr(), half, x.numel() // k, k, packed.data_ptr(), scale.data_ptr(), n,
+                                y.data_ptr(), half, threads)
+        if failed:
+            raise MemoryError(f"quant_kernel: no memory for {x.numel() // k} rows of {k} activations")
         return y
 
     def dequantize(self, packed: Tensor, n: int, k: int, dtype: torch.dtype, rows: tuple[int, int] | None = None,
-                   out: Tensor | None = None) -> Tensor:
-        """The float matrix [n, k] in ``dtype`` (fp32 or bf16), or its ``rows`` (start, stop), into ``out``."""
+                   out: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        """The float matrix [n, k] in ``dtype`` (fp32 or bf16), or its ``rows`` (start, stop), into ``out``
+        (int8 where ``scale`` is given, as for ``linear``)."""
         start, stop = rows or (0, n)
+        assert 0 <= start <= stop <= n, f"rows {start}..{stop} of {n}"
         dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
         out = torch.empty(stop - start, k, dtype=dtype) if out is None else out
         assert out.dtype == dtype and out.is_contiguous() and out.numel() >= (stop - start) * k
-        self._dequantize(packed.data_ptr(), k, start, stop, out.data_ptr(), dtype == torch.bfloat16,
-                         torch.get_num_threads())
+        half, threads = dtype == torch.bfloat16, torch.get_num_threads()
+        if scale is None:
+            self._int4_dequantize(packed.data_ptr(), k, start, stop, out.data_ptr(), half, threads)
+        else:
+            self._int8_dequantize(packed.data_ptr(), scale.data_ptr(), k, start, stop, out.data_ptr(), half, threads)
         return out[: stop - start]
 
-    def matmul(self, x: Tensor, packed: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    def matmul(self, x: Tensor, packed: Tensor, n: int, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
         """x [..., K] times the matrix, as a ``dtype`` float matmul over slices of ``MATMUL_ROWS``
         dequantized rows (each in cache for its product; a whole 70 MB matrix took longer to
         allocate, page by page, than to multiply). Output in ``dtype``."""
@@ -100,7 +120,7 @@ class Kernel:
         buffer = torch.empty(min(n, MATMUL_ROWS), k, dtype=dtype)
         for start in range(0, n, MATMUL_ROWS):
             stop = min(start + MATMUL_ROWS, n)
-            y[:, start:stop] = F.linear(rows, self.dequantize(packed, n, k, dtype, (start, stop), buffer))
+            y[:, start:stop] = F.linear(rows, self.dequantize(packed, n, k, dtype, (start, stop), buffer, scale))
         return y.view(*x.shape[:-1], n)
 
 
@@ -109,7 +129,7 @@ def build(isa: str) -> Path:
     source = SOURCE.read_bytes()
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", *FLAGS[isa]]
     key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    path = cache_dir() / f"int4_kernel-{isa}-{key}.so"
+    path = cache_dir() / f"quant_kernel-{isa}-{key}.so"
     if path.is_file():
         return path
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -126,18 +146,19 @@ def build(isa: str) -> Path:
 @functools.cache
 def load() -> Kernel | str:
     """The kernel for this CPU, or why ATen's runs instead (one line, for the printed plan)."""
-    isa = int4_kernel_isa()
+    isa = kernel_isa()
     if isa is None:
-        return "no build for this CPU (or HAVOC_INT4_KERNEL=aten)"
+        return "no build for this CPU (or HAVOC_OWN_KERNELS=0)"
     try:
         return Kernel(build(isa), isa)
     except (OSError, subprocess.SubprocessError) as e:
         reason = f"own kernel not built ({e})"
-        print(f"note: int4: {reason}; ATen's int4pack kernel runs instead (slower)", file=sys.stderr)
+        print(f"note: quantized products: {reason}; ATen's int4pack and fbgemm's int8 kernels run instead (slower)",
+              file=sys.stderr)
         return reason
 
 
-def layout(qweight: Tensor, qscale: Tensor) -> Tensor:
+def int4_layout(qweight: Tensor, qscale: Tensor) -> Tensor:
     """The kernel's layout (module docstring) of a stored int4 matrix: ``qweight`` uint8 [N, K / 2],
     ``qscale`` bf16 [K / 32, N, 2] (``quantized.quantize_matrix``). Rows and groups are padded with
     zero codes and zero scales to whole tiles and blocks: they add exactly nothing."""
@@ -156,15 +177,35 @@ def layout(qweight: Tensor, qscale: Tensor) -> Tensor:
     return packed
 
 
+def int8_layout(weight: Tensor) -> Tensor:
+    """The kernel's layout (module docstring) of a stored int8 matrix ``weight`` [N, K] (its scale
+    stays as stored): zero codes pad rows and inputs to whole tiles and blocks."""
+    n, k = weight.shape
+    w = F.pad(weight.view(torch.uint8), (0, -k % 128, 0, -n % _TILE))
+    tiles, blocks = w.shape[0] // _TILE, w.shape[1] // 128
+    return w.view(tiles, _TILE, blocks, 4, 2, 16).permute(0, 2, 1, 4, 3, 5).reshape(tiles, blocks, 512).contiguous()
+
+
 @torch.library.custom_op("havoc::int4_linear", mutates_args=())
-def compiled_linear(x: Tensor, packed: Tensor, n: int) -> Tensor:
-    """The kernel as an operator ``torch.compile`` keeps whole (eager calls skip its dispatch)."""
+def compiled_int4_linear(x: Tensor, packed: Tensor, n: int) -> Tensor:
+    """The int4 product as an operator ``torch.compile`` keeps whole (eager calls skip its dispatch)."""
     kernel = load()
     assert isinstance(kernel, Kernel)
     return kernel.linear(x, packed, n)
 
 
-@compiled_linear.register_fake
-def _(x: Tensor, packed: Tensor, n: int) -> Tensor:
+@torch.library.custom_op("havoc::int8_linear", mutates_args=())
+def compiled_int8_linear(x: Tensor, packed: Tensor, scale: Tensor, n: int) -> Tensor:
+    """The int8 product as an operator ``torch.compile`` keeps whole."""
+    kernel = load()
+    assert isinstance(kernel, Kernel)
+    return kernel.linear(x, packed, n, scale)
+
+
+def _output(x: Tensor, n: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], n, dtype=x.dtype if x.dtype in (torch.float32, torch.bfloat16)
                        else torch.float32)
+
+
+compiled_int4_linear.register_fake(lambda x, packed, n: _output(x, n))
+compiled_int8_linear.register_fake(lambda x, packed, scale, n: _output(x, n))
