@@ -170,11 +170,12 @@ class InferenceLinear(nn.Module):
         always [-1, 1], each row is rounded as it would be alone, and the integer products are
         exact, so a row's result is the same in any batch. Batching engines set
         ``same_in_any_batch`` so that their single rows round as in a batch."""
-        if x.device.type != "cpu" or not self._fbgemm_ready():
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and not InferenceLinear.same_in_any_batch and self._own_ready():
+            return self._own_product(x, self._own, self.weight.shape[0], self.scale)
+        if not on_cpu or not self._fbgemm_ready():
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        if not InferenceLinear.same_in_any_batch and self._own_ready():
-            return self._own_product(x, self._own, self.weight.shape[0], self.scale)
         x32 = x if x.dtype == torch.float32 else x.float()
         if x.numel() == x.shape[-1] and not InferenceLinear.same_in_any_batch:
             y = _LINEAR_DYNAMIC(x32, self._fbgemm, True)  # (any leading dims of size 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,11 @@ BF16_DECODE_FROM = 50_000_000  # parameters from which bf16 storage pays off on 
 # A prepacked copy of the matrices (oneDNN's blocked layout) speeds up batched decode steps 1.3-1.7x;
 # a single fp32 stream gains ~10-20%, worth the second copy of the weights on small models only.
 PACK_FP32_SINGLE_BELOW = 50_000_000
-AVX2_EMULATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+# (and an Inductor on-disk cache of its own: with the one all of a user's runs share, compiled int4
+# steps under the emulation gave NaN activations now and then, with HAVOC's kernel replaced by a
+# plain matmul too; with a fresh directory never: docs/LOG.md 2026-12-06, third session)
+AVX2_EMULATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                  "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / f"torchinductor_avx2_{os.getuid()}")}
 
 
 def cpu_has_native_bf16() -> bool:

@@ -44,6 +44,13 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch do
   return (uint16_t)(u >> 16);
 }
 
+// finite values: rounded to nearest even without to_bf16's NaN test, so that loops of it vectorize
+static inline uint16_t finite_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 static void quantize_row(const void* x, int x_bf16, int64_t K, int64_t B, xblock* out) {
   for (int64_t g = 0; g < 4 * B; ++g) {
     float v[32], amax = 0.f;
@@ -310,11 +317,7 @@ void havoc_int4_dequantize(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, 
       }
       if (out_bf16) {
         uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
-        for (int j = 0; j < 32; ++j) {  // finite values: round to nearest even without to_bf16's NaN test
-          uint32_t u;
-          memcpy(&u, &v[j], 4);
-          o[j] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
+        for (int j = 0; j < 32; ++j) o[j] = finite_to_bf16(v[j]);
       } else {
         memcpy((float*)out + (n - n0) * K + 32 * g, v, sizeof v);
       }
@@ -330,19 +333,21 @@ void havoc_int8_dequantize(const uint8_t* w, const float* scale, int64_t K, int6
   for (int64_t n = n0; n < n1; ++n) {
     const int r = (int)(n % TILE);
     const float s = scale[n];
+    float v[32];
     for (int64_t g = 0; g < G; ++g) {
       const int8_t* codes = (const int8_t*)w + ((n / TILE) * B + g / 4) * BLOCK8_BYTES + 128 * r + 16 * (g % 4);
-      float v[32];
-      for (int j = 0; j < 16; ++j) {
-        v[j] = s * (float)codes[j];
-        v[16 + j] = s * (float)codes[64 + j];
-      }
-      const int len = (int)(K - 32 * g < 32 ? K - 32 * g : 32);
-      if (out_bf16) {
+      for (int j = 0; j < 16; ++j) v[j] = s * (float)codes[j];
+      for (int j = 0; j < 16; ++j) v[16 + j] = s * (float)codes[64 + j];
+      if (32 * g + 32 <= K && out_bf16) {
         uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
-        for (int j = 0; j < len; ++j) o[j] = to_bf16(v[j]);
-      } else {
-        memcpy((float*)out + (n - n0) * K + 32 * g, v, (size_t)len * sizeof(float));
+        for (int j = 0; j < 32; ++j) o[j] = finite_to_bf16(v[j]);
+      } else if (32 * g + 32 <= K) {
+        memcpy((float*)out + (n - n0) * K + 32 * g, v, sizeof v);
+      } else {  // a last partial group
+        for (int64_t j = 0; j < K - 32 * g; ++j) {
+          if (out_bf16) ((uint16_t*)out)[(n - n0) * K + 32 * g + j] = finite_to_bf16(v[j]);
+          else ((float*)out)[(n - n0) * K + 32 * g + j] = v[j];
+        }
       }
     }
   }
