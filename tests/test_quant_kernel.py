@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from havoc_core import quant_kernel
 from havoc_core.engine import Engine
-from havoc_core.inference import prepare_model
+from havoc_core.inference import InferenceLinear, prepare_model
 from havoc_core.precision import AVX2_EMULATION, kernel_isa
 from havoc_core.quantized import quantize_matrix
 from havoc_core.sampling import SamplingParams
@@ -98,6 +98,19 @@ def test_a_row_is_the_same_in_any_batch(kernel, bits):
         assert torch.equal(kernel.linear(x[:rows], packed, 64, scale), together[:rows])
     alone = torch.cat([kernel.linear(x[i:i + 1], packed, 64, scale) for i in range(9)])
     assert torch.equal(alone, together)
+
+
+def test_int8_layer_cast_to_bf16_still_multiplies(kernel):
+    """``.to(torch.bfloat16)`` turns the row scales to bf16 too; the kernel takes fp32 scales, so the
+    layer hands it converted ones (read as fp32, bf16 scales were garbage)."""
+    torch.manual_seed(0)
+    layer = InferenceLinear(torch.randn(64, 128), None, "int8", torch.float32)
+    x = torch.randn(1, 128)
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    after = layer(x.bfloat16()).float()
+    assert layer.scale.dtype == torch.bfloat16
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()
 
 
 AVX2_RUN = """

@@ -172,7 +172,8 @@ class InferenceLinear(nn.Module):
         ``same_in_any_batch`` so that their single rows round as in a batch."""
         on_cpu = x.device.type == "cpu"
         if on_cpu and not InferenceLinear.same_in_any_batch and self._own_ready():
-            return self._own_product(x, self._own, self.weight.shape[0], self.scale)
+            scale = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # (after a .to(dtype))
+            return self._own_product(x, self._own, self.weight.shape[0], scale)
         if not on_cpu or not self._fbgemm_ready():
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
