@@ -172,8 +172,8 @@ class InferenceLinear(nn.Module):
         ``same_in_any_batch`` so that their single rows round as in a batch."""
         on_cpu = x.device.type == "cpu"
         if on_cpu and not InferenceLinear.same_in_any_batch and self._own_ready():
-            scale = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # (after a .to(dtype))
-            return self._own_product(x, self._own, self.weight.shape[0], scale)
+            # (fp32 scales: a .to(torch.bfloat16) casts them too)
+            return self._own_product(x, self._own, self.weight.shape[0], self.scale.float())
         if not on_cpu or not self._fbgemm_ready():
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -205,8 +205,7 @@ class InferenceLinear(nn.Module):
         float matmul on the dequantized matrix for more (a prefill: compute-bound, so in the CPU's
         fastest dtype, bf16 where native)."""
         if torch.compiler.is_compiling():
-            y = (quant_kernel.compiled_int4_linear(x, packed, n) if scale is None
-                 else quant_kernel.compiled_int8_linear(x, packed, scale, n))
+            y = quant_kernel.compiled_linear(x, packed, scale, n)
         elif x.numel() <= quant_kernel.KERNEL_ROWS * x.shape[-1]:
             y = quant_kernel.load().linear(x, packed, n, scale)  # type: ignore[union-attr]
         else:

@@ -90,21 +90,33 @@ static inline __m512i transpose_add(__m512i d0, __m512i d1, __m512i d2, __m512i 
   return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
 }
 
-static inline __attribute__((always_inline)) void tile(const uint8_t* w, const xblock* xb, int64_t B, int rows,
-                                                       float out[ROWS_PER_PASS][16]) {
+// int4 (bits 4): codes 0..15 in nibbles, the low ones inputs 0..15 of each group, the high ones
+// 16..31; a bf16 scale and zero per group and row. int8 (bits 8): signed codes, 128 bytes a row and
+// block (inputs 0..15 of the 4 groups, then 16..31). VNNI multiplies unsigned by signed bytes: int4
+// codes are offset by 8, int8 ones by 128 (a flipped sign bit), and that times the group's
+// activation sum is taken off the exact integer sum. ``bits`` is a constant at every call.
+static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* w, const xblock* xb, int64_t B,
+                                                       int rows, float out[ROWS_PER_PASS][16]) {
+  const int block = bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES, offset_shift = bits == 8 ? 7 : 3;
   __m512 acc[ROWS_PER_PASS];
   for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i low = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
   for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* wb = w + b * BLOCK_BYTES;
-    prefetch_lines(wb, BLOCK_BYTES);
-    __m512i lo[TILE], hi[TILE];
+    const uint8_t* wb = w + b * block;
+    prefetch_lines(wb, block);
+    __m512i lo[TILE], hi[TILE];  // per row: unsigned codes of inputs 0..15, 16..31 of the 4 groups
     for (int r = 0; r < TILE; ++r) {
-      const __m512i codes = _mm512_loadu_si512(wb + 64 * r);
-      lo[r] = _mm512_and_si512(codes, low);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+      if (bits == 8) {
+        lo[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r), flip);
+        hi[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r + 64), flip);
+      } else {
+        const __m512i codes = _mm512_loadu_si512(wb + 64 * r);
+        lo[r] = _mm512_and_si512(codes, low);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+      }
     }
-    const __m512 s = bf16x16(wb + CODE_BYTES), z = bf16x16(wb + CODE_BYTES + 32);
+    const __m512 s = bits == 8 ? _mm512_setzero_ps() : bf16x16(wb + CODE_BYTES);  // int4's scales, zeros
+    const __m512 z = bits == 8 ? _mm512_setzero_ps() : bf16x16(wb + CODE_BYTES + 32);
     for (int m = 0; m < rows; ++m) {
       const xblock* x = xb + m * B + b;
       const __m512i xl = _mm512_loadu_si512(x->xq), xh = _mm512_loadu_si512(x->xq + 64);
@@ -112,39 +124,14 @@ static inline __attribute__((always_inline)) void tile(const uint8_t* w, const x
       for (int r = 0; r < TILE; ++r)
         d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
       const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]),
-                                             _mm512_slli_epi32(_mm512_loadu_si512(x->sum), 3));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_loadu_ps(x->sx)), acc[m]);
-      acc[m] = _mm512_fmadd_ps(z, _mm512_loadu_ps(x->c), acc[m]);
-    }
-  }
-  for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
-}
-
-// int8 codes (signed) of 4 rows: 128 bytes a row and block, inputs 0..15 of the 4 groups then their
-// inputs 16..31, as xq. VNNI multiplies unsigned by signed bytes: the codes are offset by 128 (a
-// flipped sign bit), and 128 x the group's activation sum is taken off the exact integer sum.
-static inline __attribute__((always_inline)) void tile8(const uint8_t* w, const xblock* xb, int64_t B, int rows,
-                                                        float out[ROWS_PER_PASS][16]) {
-  __m512 acc[ROWS_PER_PASS];
-  for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i flip = _mm512_set1_epi8((char)0x80);
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* wb = w + b * BLOCK8_BYTES;
-    prefetch_lines(wb, BLOCK8_BYTES);
-    __m512i lo[TILE], hi[TILE];
-    for (int r = 0; r < TILE; ++r) {
-      lo[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r), flip);
-      hi[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r + 64), flip);
-    }
-    for (int m = 0; m < rows; ++m) {
-      const xblock* x = xb + m * B + b;
-      const __m512i xl = _mm512_loadu_si512(x->xq), xh = _mm512_loadu_si512(x->xq + 64);
-      __m512i d[TILE];
-      for (int r = 0; r < TILE; ++r)
-        d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
-      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]),
-                                           _mm512_slli_epi32(_mm512_loadu_si512(x->sum), 7));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(x->sx), acc[m]);
+                                           _mm512_slli_epi32(_mm512_loadu_si512(x->sum), offset_shift));
+      const __m512 sx = _mm512_loadu_ps(x->sx);
+      if (bits == 8) {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, acc[m]);
+      } else {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, sx), acc[m]);
+        acc[m] = _mm512_fmadd_ps(z, _mm512_loadu_ps(x->c), acc[m]);
+      }
     }
   }
   for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
@@ -161,74 +148,58 @@ static inline __m256i transpose_add(__m256i d0, __m256i d1, __m256i d2, __m256i 
   return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
 }
 
-// codes (unsigned, 0..15) x activations (signed) in 4-byte lanes: pairs in 16 bits (at most
+// int4 codes (unsigned, 0..15) x activations (signed) in 4-byte lanes: pairs in 16 bits (at most
 // 2 x 15 x 127 each, 4 x 15 x 127 both nibbles: no saturation), then 32-bit sums
-static inline __m256i dot32(__m256i codes, __m256i xl, __m256i xh) {
+static inline __m256i dot4(__m256i codes, __m256i xl, __m256i xh) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i a = _mm256_maddubs_epi16(_mm256_and_si256(codes, low), xl);
   const __m256i b = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low), xh);
   return _mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1));
 }
 
-static inline __attribute__((always_inline)) void tile(const uint8_t* w, const xblock* xb, int64_t B, int rows,
-                                                       float out[ROWS_PER_PASS][16]) {
-  __m256 acc[ROWS_PER_PASS][2];
-  for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* wb = w + b * BLOCK_BYTES;
-    prefetch_lines(wb, BLOCK_BYTES);
-    for (int h = 0; h < 2; ++h) {  // groups 2h and 2h + 1: lanes 8h .. 8h + 7
-      __m256i codes[TILE];
-      for (int r = 0; r < TILE; ++r) codes[r] = _mm256_loadu_si256((const __m256i*)(wb + 64 * r + 32 * h));
-      const __m256 s = bf16x8(wb + CODE_BYTES + 16 * h), z = bf16x8(wb + CODE_BYTES + 32 + 16 * h);
-      for (int m = 0; m < rows; ++m) {
-        const xblock* x = xb + m * B + b;
-        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x->xq + 32 * h));
-        const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
-        const __m256i sums = transpose_add(dot32(codes[0], xl, xh), dot32(codes[1], xl, xh),
-                                           dot32(codes[2], xl, xh), dot32(codes[3], xl, xh));
-        const __m256i dot = _mm256_sub_epi32(sums, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(x->sum + 8 * h)), 3));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_loadu_ps(x->sx + 8 * h)),
-                                    acc[m][h]);
-        acc[m][h] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x->c + 8 * h), acc[m][h]);
-      }
-    }
-  }
-  for (int m = 0; m < rows; ++m) {
-    _mm256_storeu_ps(out[m], acc[m][0]);
-    _mm256_storeu_ps(out[m] + 8, acc[m][1]);
-  }
-}
-
-// signed bytes x signed bytes, AVX2's way: |w| x (x with w's sign), pairs in 16 bits (at most
-// 2 x 127 x 127: no saturation), then 32-bit sums
-static inline __m256i dot32_8(__m256i cl, __m256i ch, __m256i xl, __m256i xh) {
+// int8 codes x activations, both signed, AVX2's way: |w| x (x with w's sign), pairs in 16 bits (at
+// most 2 x 127 x 127: no saturation), then 32-bit sums
+static inline __m256i dot8(__m256i cl, __m256i ch, __m256i xl, __m256i xh) {
   const __m256i one = _mm256_set1_epi16(1);
   const __m256i a = _mm256_maddubs_epi16(_mm256_sign_epi8(cl, cl), _mm256_sign_epi8(xl, cl));
   const __m256i b = _mm256_maddubs_epi16(_mm256_sign_epi8(ch, ch), _mm256_sign_epi8(xh, ch));
   return _mm256_add_epi32(_mm256_madd_epi16(a, one), _mm256_madd_epi16(b, one));
 }
 
-static inline __attribute__((always_inline)) void tile8(const uint8_t* w, const xblock* xb, int64_t B, int rows,
-                                                        float out[ROWS_PER_PASS][16]) {
+// As the AVX-512 tile, in two halves of 8 lanes; exact integer sums, then the same float operations.
+static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* w, const xblock* xb, int64_t B,
+                                                       int rows, float out[ROWS_PER_PASS][16]) {
+  const int block = bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES;
   __m256 acc[ROWS_PER_PASS][2];
   for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* wb = w + b * BLOCK8_BYTES;
-    prefetch_lines(wb, BLOCK8_BYTES);
-    for (int h = 0; h < 2; ++h) {
-      __m256i cl[TILE], ch[TILE];
+    const uint8_t* wb = w + b * block;
+    prefetch_lines(wb, block);
+    for (int h = 0; h < 2; ++h) {  // groups 2h and 2h + 1: lanes 8h .. 8h + 7
+      __m256i cl[TILE], ch[TILE];  // int8: codes of inputs 0..15 and 16..31; int4: both, in nibbles (cl)
       for (int r = 0; r < TILE; ++r) {
-        cl[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 32 * h));
-        ch[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 64 + 32 * h));
+        cl[r] = _mm256_loadu_si256((const __m256i*)(wb + (bits == 8 ? 128 : 64) * r + 32 * h));
+        if (bits == 8) ch[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 64 + 32 * h));
       }
+      const __m256 s = bits == 8 ? _mm256_setzero_ps() : bf16x8(wb + CODE_BYTES + 16 * h);  // int4's scales, zeros
+      const __m256 z = bits == 8 ? _mm256_setzero_ps() : bf16x8(wb + CODE_BYTES + 32 + 16 * h);
       for (int m = 0; m < rows; ++m) {
         const xblock* x = xb + m * B + b;
         const __m256i xl = _mm256_loadu_si256((const __m256i*)(x->xq + 32 * h));
         const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
-        const __m256i dot = transpose_add(dot32_8(cl[0], ch[0], xl, xh), dot32_8(cl[1], ch[1], xl, xh),
-                                          dot32_8(cl[2], ch[2], xl, xh), dot32_8(cl[3], ch[3], xl, xh));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(x->sx + 8 * h), acc[m][h]);
+        const __m256 sx = _mm256_loadu_ps(x->sx + 8 * h);
+        if (bits == 8) {
+          const __m256i dot = transpose_add(dot8(cl[0], ch[0], xl, xh), dot8(cl[1], ch[1], xl, xh),
+                                            dot8(cl[2], ch[2], xl, xh), dot8(cl[3], ch[3], xl, xh));
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sx, acc[m][h]);
+        } else {
+          const __m256i sums = transpose_add(dot4(cl[0], xl, xh), dot4(cl[1], xl, xh), dot4(cl[2], xl, xh),
+                                             dot4(cl[3], xl, xh));
+          const __m256i sum8 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(x->sum + 8 * h)), 3);
+          const __m256i dot = _mm256_sub_epi32(sums, sum8);
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, sx), acc[m][h]);
+          acc[m][h] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x->c + 8 * h), acc[m][h]);
+        }
       }
     }
   }
@@ -242,14 +213,14 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t* w, const 
 static void tile_rows(int bits, const uint8_t* w, const xblock* xb, int64_t B, int rows,
                       float out[ROWS_PER_PASS][16]) {
   switch (rows * (bits == 8 ? -1 : 1)) {  // a constant count each: the accumulators stay in registers
-    case 1: tile(w, xb, B, 1, out); break;
-    case 2: tile(w, xb, B, 2, out); break;
-    case 3: tile(w, xb, B, 3, out); break;
-    case 4: tile(w, xb, B, 4, out); break;
-    case -1: tile8(w, xb, B, 1, out); break;
-    case -2: tile8(w, xb, B, 2, out); break;
-    case -3: tile8(w, xb, B, 3, out); break;
-    default: tile8(w, xb, B, 4, out); break;
+    case 1: tile(4, w, xb, B, 1, out); break;
+    case 2: tile(4, w, xb, B, 2, out); break;
+    case 3: tile(4, w, xb, B, 3, out); break;
+    case 4: tile(4, w, xb, B, 4, out); break;
+    case -1: tile(8, w, xb, B, 1, out); break;
+    case -2: tile(8, w, xb, B, 2, out); break;
+    case -3: tile(8, w, xb, B, 3, out); break;
+    default: tile(8, w, xb, B, 4, out); break;
   }
 }
 

@@ -186,32 +186,22 @@ def int8_layout(weight: Tensor) -> Tensor:
     return w.view(tiles, _TILE, blocks, 4, 2, 16).permute(0, 2, 1, 4, 3, 5).reshape(tiles, blocks, 512).contiguous()
 
 
-def _int4_linear(x: Tensor, packed: Tensor, n: int) -> Tensor:
-    kernel = load()
-    assert isinstance(kernel, Kernel)
-    return kernel.linear(x, packed, n)
-
-
-def _int8_linear(x: Tensor, packed: Tensor, scale: Tensor, n: int) -> Tensor:
+def _linear(x: Tensor, packed: Tensor, scale: Tensor | None, n: int) -> Tensor:
     kernel = load()
     assert isinstance(kernel, Kernel)
     return kernel.linear(x, packed, n, scale)
 
 
-def _output(x: Tensor, n: int) -> Tensor:
+def _output(x: Tensor, packed: Tensor, scale: Tensor | None, n: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], n, dtype=x.dtype if x.dtype in (torch.float32, torch.bfloat16)
                        else torch.float32)
 
 
-# The products as operators ``torch.compile`` keeps whole (eager calls skip the dispatcher). Defined
-# with ``torch.library.Library`` rather than ``custom_op``: 4 us less a call inside a compiled step
-# (no autograd wrapping), 0.2 ms of a havoc-small step (docs/LOG.md).
+# ``Kernel.linear`` as an operator ``torch.compile`` keeps whole (eager calls skip the dispatcher).
+# Defined with ``torch.library.Library`` rather than ``custom_op``: 4 us less a call inside a compiled
+# step (no autograd wrapping), 0.2 ms of a havoc-small step (docs/LOG.md).
 _LIBRARY = torch.library.Library("havoc", "DEF")
-_LIBRARY.define("int4_linear(Tensor x, Tensor packed, int n) -> Tensor")
-_LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor")
-_LIBRARY.impl("int4_linear", _int4_linear, "CPU")
-_LIBRARY.impl("int8_linear", _int8_linear, "CPU")
-torch.library.register_fake("havoc::int4_linear", lambda x, packed, n: _output(x, n), lib=_LIBRARY)
-torch.library.register_fake("havoc::int8_linear", lambda x, packed, scale, n: _output(x, n), lib=_LIBRARY)
-compiled_int4_linear = torch.ops.havoc.int4_linear.default
-compiled_int8_linear = torch.ops.havoc.int8_linear.default
+_LIBRARY.define("quant_linear(Tensor x, Tensor packed, Tensor? scale, int n) -> Tensor")
+_LIBRARY.impl("quant_linear", _linear, "CPU")
+torch.library.register_fake("havoc::quant_linear", _output, lib=_LIBRARY)
+compiled_linear = torch.ops.havoc.quant_linear.default
