@@ -13,20 +13,25 @@ enum { TILE = 4, CODE_BYTES = TILE * 64, BLOCK_BYTES = CODE_BYTES + 64, BLOCK8_B
 // Bytes ahead of the block being read that are prefetched (into L2): streaming 0.66 GB of havoc-2b's
 // matrices went from 14.8 to 17-18 GB/s (AVX2 build: 14.5 to 16; docs/LOG.md). 2-10 KB ahead
 // measured alike, into L1 less well. (__builtin_prefetch: GCC dropped _mm_prefetch in a helper.)
-enum { PREFETCH_AHEAD = 5120 };
+// Only matrices of PREFETCH_MIN_BYTES or more: havoc-small's (at most 2 MB, read from L3) took
+// 1.35 ms a step without, 1.6 ms with; 1 GB of havoc-2b's from DRAM 18.8 GB/s without, 20.3 with.
+enum { PREFETCH_AHEAD = 5120, PREFETCH_MIN_BYTES = 4 << 20 };
 
 static inline void prefetch_lines(const uint8_t* wb, int bytes) {
   for (int l = 0; l < bytes; l += 64) __builtin_prefetch(wb + PREFETCH_AHEAD + l, 0, 2);
 }
 
-// One block (4 groups of 32 inputs) of one row of activations, rounded to int8 per group:
-// xq: the 4 groups' inputs 0..15, then their inputs 16..31; sx, c, sum: per output lane
-// 4 i + r (group i, tile row r): the group's scale, scale x sum of its codes, the sum.
+// One block (4 groups of 32 inputs) of one row of activations, rounded to int8 per group, laid out
+// for the tile's lanes: lane 4 i + r stands for group i of tile row r, so xq holds, per 4 inputs
+// 4 j .. 4 j + 3 (j = 0..7), each group's 4 values once per row (64 bytes), and sx, c, base the
+// group's scale, scale x sum of its codes, and minus the offset (8 for int4 codes, 128 for int8
+// ones) x that sum, per lane.
 typedef struct {
-  int8_t xq[128];
+  int8_t xq[8 * 64];
   float sx[16];
   float c[16];
-  int32_t sum[16];
+  int32_t base4[16];
+  int32_t base8[16];
 } xblock;
 
 static inline float from_bf16(uint16_t h) {
@@ -51,80 +56,46 @@ static inline uint16_t finite_to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static void quantize_row(const void* x, int x_bf16, int64_t K, int64_t B, xblock* out) {
-  for (int64_t g = 0; g < 4 * B; ++g) {
-    float v[32], amax = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      const int64_t k = 32 * g + j;
-      v[j] = k >= K ? 0.f : x_bf16 ? from_bf16(((const uint16_t*)x)[k]) : ((const float*)x)[k];
-      amax = fmaxf(amax, fabsf(v[j]));
-    }
-    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    xblock* xb = out + g / 4;
-    const int i = (int)(g % 4);
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      float r = nearbyintf(v[j] * inv);
-      r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
-      sum += (int)r;
-      xb->xq[(j < 16 ? 0 : 64) + 16 * i + j % 16] = (int8_t)r;
-    }
-    for (int r = 0; r < TILE; ++r) {
-      xb->sx[4 * i + r] = scale;
-      xb->c[4 * i + r] = scale * (float)sum;
-      xb->sum[4 * i + r] = sum;
-    }
-  }
-}
-
 #ifdef HAVOC_AVX512
-static inline __m512 bf16x16(const uint8_t* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-
-// lane 4 i + r: the sum of the 4 lanes of group i in d_r
-static inline __m512i transpose_add(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
-  const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
-  const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
-  return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-}
-
-// int4 (bits 4): codes 0..15 in nibbles, the low ones inputs 0..15 of each group, the high ones
-// 16..31; a bf16 scale and zero per group and row. int8 (bits 8): signed codes, 128 bytes a row and
-// block (inputs 0..15 of the 4 groups, then 16..31). VNNI multiplies unsigned by signed bytes: int4
-// codes are offset by 8, int8 ones by 128 (a flipped sign bit), and that times the group's
-// activation sum is taken off the exact integer sum. ``bits`` is a constant at every call.
+// int4 (bits 4), 320 bytes a tile and block: 4 registers of codes 0..15, lane 4 i + r holding group i
+// of row r, byte b of register j: input 4 j + b in the low nibble, input 16 + 4 j + b in the high one;
+// then per lane the bf16 scale (low half) and zero (high half). int8 (bits 8), 512 bytes: 8
+// registers, byte b of register j: input 4 j + b, stored as code + 128 (VNNI multiplies unsigned
+// by signed bytes). Each lane's dot products accumulate a whole group: no transposes. The high
+// nibbles are multiplied in place (16 x their value) and their sum divided by 16 (exactly).
+// ``bits`` is a constant at every call.
 static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* w, const xblock* xb, int64_t B,
-                                                       int rows, float out[ROWS_PER_PASS][16]) {
-  const int block = bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES, offset_shift = bits == 8 ? 7 : 3;
+                                                       int rows, int prefetch, float out[ROWS_PER_PASS][16]) {
+  const int block = bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES;
   __m512 acc[ROWS_PER_PASS];
   for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+  const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
+  const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * block;
-    prefetch_lines(wb, block);
-    __m512i lo[TILE], hi[TILE];  // per row: unsigned codes of inputs 0..15, 16..31 of the 4 groups
-    for (int r = 0; r < TILE; ++r) {
-      if (bits == 8) {
-        lo[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r), flip);
-        hi[r] = _mm512_xor_si512(_mm512_loadu_si512(wb + 128 * r + 64), flip);
-      } else {
-        const __m512i codes = _mm512_loadu_si512(wb + 64 * r);
-        lo[r] = _mm512_and_si512(codes, low);
-        hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+    if (prefetch) prefetch_lines(wb, block);
+    __m512i c[8];
+    __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+    if (bits == 8) {
+      for (int j = 0; j < 8; ++j) c[j] = _mm512_loadu_si512(wb + 64 * j);
+    } else {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i codes = _mm512_loadu_si512(wb + 64 * j);
+        c[j] = _mm512_and_si512(codes, low);
+        c[4 + j] = _mm512_and_si512(codes, high);
       }
+      const __m512i sz = _mm512_loadu_si512(wb + CODE_BYTES);
+      s = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+      z = _mm512_castsi512_ps(_mm512_and_si512(sz, upper));
     }
-    const __m512 s = bits == 8 ? _mm512_setzero_ps() : bf16x16(wb + CODE_BYTES);  // int4's scales, zeros
-    const __m512 z = bits == 8 ? _mm512_setzero_ps() : bf16x16(wb + CODE_BYTES + 32);
     for (int m = 0; m < rows; ++m) {
       const xblock* x = xb + m * B + b;
-      const __m512i xl = _mm512_loadu_si512(x->xq), xh = _mm512_loadu_si512(x->xq + 64);
-      __m512i d[TILE];
-      for (int r = 0; r < TILE; ++r)
-        d[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xl), hi[r], xh);
-      const __m512i dot = _mm512_sub_epi32(transpose_add(d[0], d[1], d[2], d[3]),
-                                           _mm512_slli_epi32(_mm512_loadu_si512(x->sum), offset_shift));
+      __m512i d0 = _mm512_loadu_si512(bits == 8 ? x->base8 : x->base4), d1 = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {  // two chains, for latency
+        d0 = _mm512_dpbusd_epi32(d0, c[j], _mm512_loadu_si512(x->xq + 64 * j));
+        d1 = _mm512_dpbusd_epi32(d1, c[4 + j], _mm512_loadu_si512(x->xq + 256 + 64 * j));
+      }
+      const __m512i dot = _mm512_add_epi32(d0, bits == 8 ? d1 : _mm512_srai_epi32(d1, 4));
       const __m512 sx = _mm512_loadu_ps(x->sx);
       if (bits == 8) {
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, acc[m]);
@@ -137,66 +108,59 @@ static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* 
   for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out[m], acc[m]);
 }
 #else
-static inline __m256 bf16x8(const uint8_t* p) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
-
-static inline __m256i transpose_add(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
-  const __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(d0, d1), _mm256_unpackhi_epi32(d0, d1));
-  const __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(d2, d3), _mm256_unpackhi_epi32(d2, d3));
-  return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
-}
-
-// int4 codes (unsigned, 0..15) x activations (signed) in 4-byte lanes: pairs in 16 bits (at most
-// 2 x 15 x 127 each, 4 x 15 x 127 both nibbles: no saturation), then 32-bit sums
-static inline __m256i dot4(__m256i codes, __m256i xl, __m256i xh) {
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  const __m256i a = _mm256_maddubs_epi16(_mm256_and_si256(codes, low), xl);
-  const __m256i b = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low), xh);
-  return _mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1));
-}
-
-// int8 codes x activations, both signed, AVX2's way: |w| x (x with w's sign), pairs in 16 bits (at
-// most 2 x 127 x 127: no saturation), then 32-bit sums
-static inline __m256i dot8(__m256i cl, __m256i ch, __m256i xl, __m256i xh) {
-  const __m256i one = _mm256_set1_epi16(1);
-  const __m256i a = _mm256_maddubs_epi16(_mm256_sign_epi8(cl, cl), _mm256_sign_epi8(xl, cl));
-  const __m256i b = _mm256_maddubs_epi16(_mm256_sign_epi8(ch, ch), _mm256_sign_epi8(xh, ch));
-  return _mm256_add_epi32(_mm256_madd_epi16(a, one), _mm256_madd_epi16(b, one));
-}
-
-// As the AVX-512 tile, in two halves of 8 lanes; exact integer sums, then the same float operations.
+// As the AVX-512 tile, in two halves of 8 lanes (bytes 32 h .. 32 h + 31 of each register), with
+// AVX2's pair sums instead of VNNI; exact integer sums, then the same float operations.
+// int4: unsigned codes x signed activations, pairs in 16 bits; all 8 products of a lane's pair
+// stay below 2^15 (8 x 2 x 15 x 127), so they are summed in 16 bits before widening.
+// int8: |w| x (x with w's sign) (pairs at most 2 x 127 x 127: no saturation), summed in 32 bits.
 static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* w, const xblock* xb, int64_t B,
-                                                       int rows, float out[ROWS_PER_PASS][16]) {
+                                                       int rows, int prefetch, float out[ROWS_PER_PASS][16]) {
   const int block = bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES;
+  const __m256i low = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80), one = _mm256_set1_epi16(1);
+  const __m256i upper = _mm256_set1_epi32((int)0xffff0000u);
   __m256 acc[ROWS_PER_PASS][2];
   for (int m = 0; m < rows; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * block;
-    prefetch_lines(wb, block);
-    for (int h = 0; h < 2; ++h) {  // groups 2h and 2h + 1: lanes 8h .. 8h + 7
-      __m256i cl[TILE], ch[TILE];  // int8: codes of inputs 0..15 and 16..31; int4: both, in nibbles (cl)
-      for (int r = 0; r < TILE; ++r) {
-        cl[r] = _mm256_loadu_si256((const __m256i*)(wb + (bits == 8 ? 128 : 64) * r + 32 * h));
-        if (bits == 8) ch[r] = _mm256_loadu_si256((const __m256i*)(wb + 128 * r + 64 + 32 * h));
+    if (prefetch) prefetch_lines(wb, block);
+    for (int h = 0; h < 2; ++h) {
+      __m256i c[8];  // int4: codes of inputs 4 j + b (c[j]) and 16 + 4 j + b (c[4 + j]); int8: signed codes
+      __m256 s = _mm256_setzero_ps(), z = _mm256_setzero_ps();
+      if (bits == 8) {
+        for (int j = 0; j < 8; ++j) c[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32 * h)), flip);
+      } else {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i codes = _mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32 * h));
+          c[j] = _mm256_and_si256(codes, low);
+          c[4 + j] = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+        }
+        const __m256i sz = _mm256_loadu_si256((const __m256i*)(wb + CODE_BYTES + 32 * h));
+        s = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+        z = _mm256_castsi256_ps(_mm256_and_si256(sz, upper));
       }
-      const __m256 s = bits == 8 ? _mm256_setzero_ps() : bf16x8(wb + CODE_BYTES + 16 * h);  // int4's scales, zeros
-      const __m256 z = bits == 8 ? _mm256_setzero_ps() : bf16x8(wb + CODE_BYTES + 32 + 16 * h);
       for (int m = 0; m < rows; ++m) {
         const xblock* x = xb + m * B + b;
-        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x->xq + 32 * h));
-        const __m256i xh = _mm256_loadu_si256((const __m256i*)(x->xq + 64 + 32 * h));
+        __m256i dot;
+        if (bits == 8) {
+          dot = _mm256_setzero_si256();
+          for (int j = 0; j < 8; ++j) {
+            const __m256i xj = _mm256_loadu_si256((const __m256i*)(x->xq + 64 * j + 32 * h));
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(c[j], c[j]), _mm256_sign_epi8(xj, c[j]));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, one));
+          }
+        } else {
+          __m256i pairs = _mm256_setzero_si256();
+          for (int j = 0; j < 8; ++j) {
+            const __m256i xj = _mm256_loadu_si256((const __m256i*)(x->xq + 64 * j + 32 * h));
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[j], xj));
+          }
+          dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, one),
+                                 _mm256_loadu_si256((const __m256i*)(x->base4 + 8 * h)));
+        }
         const __m256 sx = _mm256_loadu_ps(x->sx + 8 * h);
         if (bits == 8) {
-          const __m256i dot = transpose_add(dot8(cl[0], ch[0], xl, xh), dot8(cl[1], ch[1], xl, xh),
-                                            dot8(cl[2], ch[2], xl, xh), dot8(cl[3], ch[3], xl, xh));
           acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sx, acc[m][h]);
         } else {
-          const __m256i sums = transpose_add(dot4(cl[0], xl, xh), dot4(cl[1], xl, xh), dot4(cl[2], xl, xh),
-                                             dot4(cl[3], xl, xh));
-          const __m256i sum8 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(x->sum + 8 * h)), 3);
-          const __m256i dot = _mm256_sub_epi32(sums, sum8);
           acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, sx), acc[m][h]);
           acc[m][h] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x->c + 8 * h), acc[m][h]);
         }
@@ -210,17 +174,82 @@ static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* 
 }
 #endif
 
-static void tile_rows(int bits, const uint8_t* w, const xblock* xb, int64_t B, int rows,
+// Group i of a block: 32 activations rounded to int8 with the group's scale (amax / 127, to
+// nearest even, as nearbyintf does), written into the block's lanes (4 copies, one per tile row).
+// Vectorized: a scalar loop took 2.5 us of a 768-wide product's ~15 (docs/LOG.md). Both builds
+// round with the same float operations, so their codes are the same.
+static inline void quantize_group(const float v[32], xblock* xb, int i) {
+  int32_t quads[8], sum;
+  float amax;
+#ifdef HAVOC_AVX512
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f), lim = _mm512_set1_ps(127.f);
+  const __m512 neg = _mm512_set1_ps(-127.f);
+  const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(a, inv), round), neg), lim));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(b, inv), round), neg), lim));
+  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  _mm_storeu_si128((__m128i*)quads, _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128((__m128i*)(quads + 4), _mm512_cvtepi32_epi8(qb));
+#else
+  __m256 p[4];
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int j = 0; j < 4; ++j) p[j] = _mm256_loadu_ps(v + 8 * j);
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, p[0]), _mm256_andnot_ps(sign, p[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, p[2]), _mm256_andnot_ps(sign, p[3])));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f), lim = _mm256_set1_ps(127.f);
+  const __m256 neg = _mm256_set1_ps(-127.f);
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(
+        _mm256_round_ps(_mm256_mul_ps(p[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), neg), lim));
+  const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+  // packs work within 128-bit halves: quads come out as 0, 2, 4, 6, 1, 3, 5, 7
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256((__m256i*)quads, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#endif
+  for (int j = 0; j < 8; ++j) _mm_storeu_si128((__m128i*)(xb->xq + 64 * j + 16 * i), _mm_set1_epi32(quads[j]));
+  const float scale = amax / 127.f;
+  for (int r = 0; r < TILE; ++r) {
+    xb->sx[4 * i + r] = scale;
+    xb->c[4 * i + r] = scale * (float)sum;
+    xb->base4[4 * i + r] = -8 * sum;
+    xb->base8[4 * i + r] = -128 * sum;
+  }
+}
+
+static void quantize_row(const void* x, int x_bf16, int64_t K, int64_t B, xblock* out) {
+  for (int64_t g = 0; g < 4 * B; ++g) {
+    const int64_t k0 = 32 * g, n = K - k0 >= 32 ? 32 : K - k0 > 0 ? K - k0 : 0;
+    float v[32];
+    if (!x_bf16 && n == 32) {
+      memcpy(v, (const float*)x + k0, sizeof v);
+    } else {
+      for (int j = 0; j < 32; ++j)
+        v[j] = j >= n ? 0.f : x_bf16 ? from_bf16(((const uint16_t*)x)[k0 + j]) : ((const float*)x)[k0 + j];
+    }
+    quantize_group(v, out + g / 4, (int)(g % 4));
+  }
+}
+
+static void tile_rows(int bits, const uint8_t* w, const xblock* xb, int64_t B, int rows, int prefetch,
                       float out[ROWS_PER_PASS][16]) {
   switch (rows * (bits == 8 ? -1 : 1)) {  // a constant count each: the accumulators stay in registers
-    case 1: tile(4, w, xb, B, 1, out); break;
-    case 2: tile(4, w, xb, B, 2, out); break;
-    case 3: tile(4, w, xb, B, 3, out); break;
-    case 4: tile(4, w, xb, B, 4, out); break;
-    case -1: tile(8, w, xb, B, 1, out); break;
-    case -2: tile(8, w, xb, B, 2, out); break;
-    case -3: tile(8, w, xb, B, 3, out); break;
-    default: tile(8, w, xb, B, 4, out); break;
+    case 1: tile(4, w, xb, B, 1, prefetch, out); break;
+    case 2: tile(4, w, xb, B, 2, prefetch, out); break;
+    case 3: tile(4, w, xb, B, 3, prefetch, out); break;
+    case 4: tile(4, w, xb, B, 4, prefetch, out); break;
+    case -1: tile(8, w, xb, B, 1, prefetch, out); break;
+    case -2: tile(8, w, xb, B, 2, prefetch, out); break;
+    case -3: tile(8, w, xb, B, 3, prefetch, out); break;
+    default: tile(8, w, xb, B, 4, prefetch, out); break;
   }
 }
 
@@ -230,7 +259,8 @@ static int linear(int bits, const void* x, int x_bf16, int64_t M, int64_t K, con
                   int64_t N, void* y, int y_bf16, int threads) {
   const int64_t B = (K + 127) / 128, tiles = (N + TILE - 1) / TILE;
   const int64_t tile_bytes = B * (bits == 8 ? BLOCK8_BYTES : BLOCK_BYTES);
-  xblock* xb = (xblock*)malloc((size_t)(M * B) * sizeof(xblock));
+  const int prefetch = tiles * tile_bytes >= PREFETCH_MIN_BYTES;
+  xblock* xb = (xblock*)aligned_alloc(64, (size_t)(M * B) * sizeof(xblock));  // whole cache lines: 64-byte loads
   if (!xb) return -1;
   for (int64_t m = 0; m < M; ++m)
     quantize_row((const uint8_t*)x + m * K * (x_bf16 ? 2 : 4), x_bf16, K, B, xb + m * B);
@@ -239,7 +269,7 @@ static int linear(int bits, const void* x, int x_bf16, int64_t M, int64_t K, con
     for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
       const int rows = (int)(M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS);
       float out[ROWS_PER_PASS][16];
-      tile_rows(bits, w + t * tile_bytes, xb + m0 * B, B, rows, out);
+      tile_rows(bits, w + t * tile_bytes, xb + m0 * B, B, rows, prefetch, out);
       for (int m = 0; m < rows; ++m) {
         for (int r = 0; r < TILE && t * TILE + r < N; ++r) {
           float v = (out[m][r] + out[m][4 + r]) + (out[m][8 + r] + out[m][12 + r]);
@@ -278,13 +308,14 @@ void havoc_int4_dequantize(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, 
     const int r = (int)(n % TILE);
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* wb = w + ((n / TILE) * B + g / 4) * BLOCK_BYTES;
-      const uint8_t* codes = wb + 64 * r + 16 * (g % 4);
-      const float s = from_bf16(((const uint16_t*)(wb + CODE_BYTES))[4 * (g % 4) + r]);
-      const float z = from_bf16(((const uint16_t*)(wb + CODE_BYTES + 32))[4 * (g % 4) + r]);
+      const int lane = 4 * (int)(g % 4) + r;
+      const float s = from_bf16(((const uint16_t*)(wb + CODE_BYTES))[2 * lane]);
+      const float z = from_bf16(((const uint16_t*)(wb + CODE_BYTES))[2 * lane + 1]);
       float v[32];
       for (int j = 0; j < 16; ++j) {
-        v[j] = s * (float)((int)(codes[j] & 15) - 8) + z;
-        v[16 + j] = s * (float)((int)(codes[j] >> 4) - 8) + z;
+        const uint8_t code = wb[64 * (j / 4) + 4 * lane + j % 4];
+        v[j] = s * (float)((int)(code & 15) - 8) + z;
+        v[16 + j] = s * (float)((int)(code >> 4) - 8) + z;
       }
       if (out_bf16) {
         uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
@@ -306,9 +337,8 @@ void havoc_int8_dequantize(const uint8_t* w, const float* scale, int64_t K, int6
     const float s = scale[n];
     float v[32];
     for (int64_t g = 0; g < G; ++g) {
-      const int8_t* codes = (const int8_t*)w + ((n / TILE) * B + g / 4) * BLOCK8_BYTES + 128 * r + 16 * (g % 4);
-      for (int j = 0; j < 16; ++j) v[j] = s * (float)codes[j];
-      for (int j = 0; j < 16; ++j) v[16 + j] = s * (float)codes[64 + j];
+      const uint8_t* wb = w + ((n / TILE) * B + g / 4) * BLOCK8_BYTES + 4 * (4 * (g % 4) + r);
+      for (int j = 0; j < 32; ++j) v[j] = s * (float)(int8_t)(wb[64 * (j / 4) + j % 4] ^ 0x80);
       if (32 * g + 32 <= K && out_bf16) {
         uint16_t* o = (uint16_t*)out + (n - n0) * K + 32 * g;
         for (int j = 0; j < 32; ++j) o[j] = finite_to_bf16(v[j]);

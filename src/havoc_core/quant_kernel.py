@@ -10,11 +10,13 @@ product is an exact integer dot product of 4- or 8-bit codes and 8-bit values (A
 AVX2's pair sums), scaled once in fp32.
 
 - Layouts (made at load time from the stored parts, never stored): output rows in tiles of 4,
-  inputs in blocks of 128 (4 groups of 32). int4, 320 bytes per tile and block: each row's 64 bytes
-  of codes (byte 16 i + j: input j of group i in the low nibble, input j + 16 in the high one),
-  then the 16 bf16 scales and the 16 bf16 zeros, group-major. int8, 512 bytes: each row's 128
-  codes, inputs 0..15 of its 4 groups (byte 16 i + j), then their inputs 16..31; one fp32 scale
-  per row beside them.
+  inputs in blocks of 128 (4 groups of 32); a vector lane of 4 bytes holds 4 inputs of one group
+  of one row (lane 4 i + r: group i, row r), so each lane's integer dot products add up to the
+  whole group's, with no shuffles between rows (from L1, 1.25x (int4) and 1.5x (int8) the
+  blocks a second of transposing the sums, docs/LOG.md). int4, 320 bytes per tile and block: 4 registers of 64 bytes,
+  byte b of lane l of register j holding input 4 j + b in its low nibble and 16 + 4 j + b in its
+  high one; then per lane the bf16 scale and the bf16 zero. int8, 512 bytes: 8 such registers,
+  byte b of register j holding input 4 j + b as code + 128; one fp32 scale per row beside them.
 - The AVX-512 and AVX2 builds make every output with the same float operations in the same order,
   so logits are bit-identical on both CPU kinds, and a row's result is the same in any batch.
 - Up to ``KERNEL_ROWS`` rows per call (decode steps) run in the kernel, reading the codes once;
@@ -167,11 +169,11 @@ def int4_layout(qweight: Tensor, qscale: Tensor) -> Tensor:
     pad_groups, pad_rows = -groups % 4, -n % _TILE
     tiles, blocks = (n + pad_rows) // _TILE, (groups + pad_groups) // 4
     codes = torch.stack([qweight & 15, qweight >> 4], -1).view(n, groups, 32)
-    codes = F.pad(codes, (0, 0, 0, pad_groups, 0, pad_rows))
-    codes = (codes[..., :16] | (codes[..., 16:] << 4)).view(tiles, _TILE, blocks, 4, 16)
-    codes = codes.permute(0, 2, 1, 3, 4).reshape(tiles, blocks, 4 * 64)
+    codes = F.pad(codes, (0, 0, 0, pad_groups, 0, pad_rows)).view(tiles, _TILE, blocks, 4, 2, 4, 4)
+    codes = codes[..., 0, :, :] | (codes[..., 1, :, :] << 4)  # inputs 4 j + b and 16 + 4 j + b in one byte
+    codes = codes.permute(0, 2, 4, 3, 1, 5).reshape(tiles, blocks, 4 * 64)  # register j, lane 4 i + r, byte b
     scales = F.pad(qscale.to(torch.bfloat16).permute(1, 0, 2), (0, 0, 0, pad_groups, 0, pad_rows))
-    scales = scales.view(tiles, _TILE, blocks, 4, 2).permute(0, 2, 4, 3, 1).reshape(tiles, blocks, 32)
+    scales = scales.view(tiles, _TILE, blocks, 4, 2).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 32)
     packed = torch.cat([codes, scales.contiguous().view(torch.uint8)], -1).contiguous()
     assert packed.shape[-1] == _BLOCK_BYTES
     return packed
@@ -183,7 +185,8 @@ def int8_layout(weight: Tensor) -> Tensor:
     n, k = weight.shape
     w = F.pad(weight.view(torch.uint8), (0, -k % 128, 0, -n % _TILE))
     tiles, blocks = w.shape[0] // _TILE, w.shape[1] // 128
-    return w.view(tiles, _TILE, blocks, 4, 2, 16).permute(0, 2, 1, 4, 3, 5).reshape(tiles, blocks, 512).contiguous()
+    w = w.view(tiles, _TILE, blocks, 4, 8, 4).permute(0, 2, 4, 3, 1, 5)  # register j, lane 4 i + r, byte b
+    return (w.reshape(tiles, blocks, 512) ^ 0x80).contiguous()  # code + 128: unsigned, for VNNI
 
 
 def _linear(x: Tensor, packed: Tensor, scale: Tensor | None, n: int) -> Tensor:
