@@ -4,11 +4,14 @@ files vs HAVOC's engine on the same checkpoint, same threads, in one process, in
 For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-token prompt (the
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
 512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC
-runs bf16, int8 (fp32 activations, fbgemm's int8 kernel) and int4 weights (what the plan picks:
-HAVOC's own kernel with fp32 activations, or ATen's int4pack with bf16 ones; ``HAVOC_OWN_KERNELS=0``
-forces ATen's). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
+runs bf16, int8 and int4 weights as `havoc chat` does (HAVOC's own kernels; ``HAVOC_OWN_KERNELS=0``
+forces fbgemm's int8 and ATen's int4pack). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
 hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
 in a child process finds out), every llama.cpp run is made without it and the results say so.
+
+The AVX2 kind on an AVX-512 machine: HAVOC under ``precision.AVX2_EMULATION`` and llama.cpp built for
+AVX2 only (it picks its kernels when compiled, not from the environment; docs/GGUF.md has the
+``CMAKE_ARGS``). ``llama_cpp_system_info`` in the results says which build ran.
 
     python bench/llamacpp.py [--presets havoc-small havoc-2b] [--tokens 32] [--repeat 2] [--threads 2] [--compile]
 Results also go to bench/results/llamacpp.json. (Not named gguf.py: a script there would shadow the
@@ -157,7 +160,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {"threads": args.threads, "native_bf16": cpu_has_native_bf16(), "llama_cpp_python": llama_cpp.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "isa_env": {k: os.environ.get(k) for k in AVX2_EMULATION}}
+               "isa_env": {k: os.environ.get(k) for k in AVX2_EMULATION},
+               "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode()}  # which ISA it was built for
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for preset in args.presets:
             results[preset] = bench_preset(preset, args, Path(tmp))

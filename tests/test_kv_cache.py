@@ -1,6 +1,8 @@
 """The KV cache: cached forward passes (rows at one position, rows at different positions) give the
 logits of one full forward pass, on a real tokenizer and a real, randomly initialised tiny model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -54,3 +56,23 @@ def test_a_pass_past_the_cache_is_refused(model, tok):
     cache = model.make_cache(1, max_len=8)
     with pytest.raises(HavocError, match="exceeds the cache's 8 positions"):
         model(torch.tensor([[1] * 9]), cache=cache.view([0], [0]))
+
+
+def test_fp32_cache_gives_a_bf16_model_the_same_logits(model, tok, prompt_ids):
+    """A one-slot engine on CPU keeps a bf16 model's keys and values in fp32 (``prepare_one_slot``):
+    attention on CPU computes in fp32 anyway, so the logits are the same bits as with a bf16 cache,
+    over a prefill, a cached prefill and single steps."""
+    from havoc_core.inference import prepare_model
+
+    bf16 = prepare_model(copy.deepcopy(model), torch.bfloat16)
+    ids = prompt_ids("Exceptions are raised when an error occurs in the interpreter, and")
+    logits = {}
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float32):
+            cache = bf16.make_cache(1, dtype=dtype)
+            parts = [bf16(torch.tensor([ids[:5]]), cache=cache.view([0], [0]))[0],
+                     bf16(torch.tensor([ids[5:8]]), cache=cache.view([0], [5]))[0]]
+            parts += [bf16(torch.tensor([[ids[p]]]), cache=cache.view([0], [p]))[0] for p in range(8, len(ids))]
+            logits[dtype] = torch.cat(parts)
+    assert logits[torch.bfloat16].dtype == torch.bfloat16
+    assert torch.equal(logits[torch.float32], logits[torch.bfloat16])

@@ -15,7 +15,7 @@ lengths join and leave between decode steps (continuous batching)::
 ``add`` prefills only what the slot's cache does not already hold (a chat turn: its new tokens).
 ``Event.text`` is whole UTF-8 characters, never into a stop string. ``generate`` (prompts ->
 completions, queueing beyond ``max_batch``) and ``stream`` (text deltas of one request) drive the
-engine; a server calls ``add``/``step``/``remove`` from one thread. The model is never changed:
+engine; a server calls ``add``/``step``/``remove`` from one thread. The weights are never changed:
 prepare it first (``inference.prepare_model``). ``SamplingParams.json_schema``: grammar.py.
 """
 
@@ -33,7 +33,7 @@ from torch import Tensor
 from havoc_core.detokenize import TextStream
 from havoc_core.errors import HavocError
 from havoc_core.grammar import Constraint, Grammars, mask_logits
-from havoc_core.inference import InferenceLinear
+from havoc_core.inference import InferenceLinear, prepare_one_slot
 from havoc_core.model import HavocModel
 from havoc_core.precision import prefill_dtype as default_prefill_dtype
 from havoc_core.sampling import SamplingParams, sample_tokens
@@ -117,7 +117,8 @@ class Engine:
         cfg = model.config
         self.max_len = cfg.max_seq_len
         self.device = model.embed.weight.device
-        self.cache = model.make_cache(max_batch, self.max_len)
+        one_slot = max_batch == 1 and self.device.type == "cpu"  # a chat: see inference.prepare_one_slot
+        self.cache = model.make_cache(max_batch, self.max_len, prepare_one_slot(model) if one_slot else None)
         self.slots: list[Slot | None] = [None] * max_batch
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model.embed.weight.dtype, self.device)
         self.stop_ids = {cfg.eos_token_id}
