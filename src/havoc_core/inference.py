@@ -33,7 +33,7 @@ from havoc_core.checkpoint import (
     save_checkpoint,
 )
 from havoc_core.errors import CheckpointError, HavocError
-from havoc_core.hugepages import huge_page_copies
+from havoc_core.hugepages import HugePageBlock, aligned
 from havoc_core.mlp import GatedMLP
 from havoc_core.model import HavocModel, load_model
 from havoc_core.precision import (
@@ -289,21 +289,23 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
 
 
 def prepare_one_slot(model: HavocModel) -> torch.dtype:
-    """What a one-slot engine on CPU (a chat) sets up; returns its KV cache's dtype: fp32, which
-    attention on CPU computes in anyway (a half-precision cache was upcast every step, ~20 us a
-    layer of havoc-small compiled; twice the memory of one sequence: 24 MB for havoc-small).
-    Also makes HAVOC's kernel's layout of every int8 matrix now (its first step would) and moves
-    all of the kernel's layouts into huge pages (``hugepages``), once per model."""
-    if not getattr(model, "_layouts_in_huge_pages", False):
-        own = [m for m in model.modules() if isinstance(m, InferenceLinear) and m.weight.device.type == "cpu"
-               and ((m.int4 is not None and m.int4[1] is None) or (m.scale is not None and m._own_ready()))]
-        copies = huge_page_copies([m.int4[0] if m.int4 is not None else m._own for m in own])
-        for module, layout in zip(own, copies, strict=True):
-            if module.int4 is not None:
-                module.int4 = (layout, None)
-            else:
-                module._own = layout
-        model._layouts_in_huge_pages = True
+    """What a one-slot engine on CPU (a chat) sets up, once per model: HAVOC's kernel's layouts, int8
+    ones made now (its first step would), in huge pages (``hugepages``; one at a time: the peak is
+    the block and one layout). Returns the KV cache's dtype: fp32, as attention on CPU computes (a
+    bf16 cache was upcast every step, ~20 us a layer compiled; 24 MB for havoc-small)."""
+    if getattr(model, "_layouts_in_huge_pages", False):
+        return torch.float32
+    built = isinstance(quant_kernel.load(), quant_kernel.Kernel)
+    own = [m for m in model.modules() if isinstance(m, InferenceLinear) and m.weight.device.type == "cpu"
+           and ((m.int4 is not None and m.int4[1] is None) or (m.scale is not None and built))]
+    block = HugePageBlock(sum(aligned(m.int4[0].nbytes if m.int4 is not None else
+                                      quant_kernel.int8_layout_nbytes(*m.weight.shape)) for m in own))
+    for m in own:
+        if m.int4 is not None:
+            m.int4 = (block.copy(m.int4[0]), None)
+        else:
+            m._own = block.copy(m._own if isinstance(m._own, Tensor) else quant_kernel.int8_layout(m.weight))
+    model._layouts_in_huge_pages = True
     return torch.float32
 
 

@@ -189,6 +189,11 @@ def int8_layout(weight: Tensor) -> Tensor:
     return (w.reshape(tiles, blocks, 512) ^ 0x80).contiguous()  # code + 128: unsigned, for VNNI
 
 
+def int8_layout_nbytes(n: int, k: int) -> int:
+    """The size of ``int8_layout`` of an [n, k] matrix, without making it."""
+    return -(-n // _TILE) * -(-k // 128) * 512
+
+
 def _linear(x: Tensor, packed: Tensor, scale: Tensor | None, n: int) -> Tensor:
     kernel = load()
     assert isinstance(kernel, Kernel)
