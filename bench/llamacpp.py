@@ -5,9 +5,10 @@ For each preset (random weights, seeded): decode tokens/s at batch 1 after a 32-
 rate of N tokens minus that of 1, so prefill cancels out; best of ``--repeat``) and the time of a
 512-token prefill. llama.cpp runs BF16, Q8_0, Q4_0 and Q4_K_M files (F16 too with ``--f16``); HAVOC
 runs bf16, int8 and int4 weights as `havoc chat` does (HAVOC's own kernels; ``HAVOC_OWN_KERNELS=0``
-forces fbgemm's int8 and ATen's int4pack). Ratios are HAVOC / llama.cpp. llama.cpp repacks quantized weights for the CPU at
-hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its AMX path did on an AMX Xeon: a probe
-in a child process finds out), every llama.cpp run is made without it and the results say so.
+forces fbgemm's int8 and ATen's int4pack). Ratios are HAVOC / llama.cpp. llama.cpp repacks
+quantized weights for the CPU at hand (AVX2/AVX-512 interleaving, AMX); where that crashes (its
+AMX path did on an AMX Xeon: a probe in a child process finds out), every llama.cpp run is made
+without it and the results say so.
 
 The AVX2 kind on an AVX-512 machine: HAVOC under ``precision.AVX2_EMULATION`` and llama.cpp built for
 AVX2 only (it picks its kernels when compiled, not from the environment; docs/GGUF.md has the
