@@ -59,7 +59,7 @@ def test_a_pass_past_the_cache_is_refused(model, tok):
 
 
 def test_fp32_cache_gives_a_bf16_model_the_same_logits(model, tok, prompt_ids):
-    """A one-slot engine on CPU keeps a bf16 model's keys and values in fp32 (``prepare_one_slot``):
+    """A one-slot engine on CPU keeps a bf16 model's keys and values in fp32 (``Engine``):
     attention on CPU computes in fp32 anyway, so the logits are the same bits as with a bf16 cache,
     over a prefill, a cached prefill and single steps."""
     from havoc_core.inference import prepare_model

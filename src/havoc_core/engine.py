@@ -33,7 +33,7 @@ from torch import Tensor
 from havoc_core.detokenize import TextStream
 from havoc_core.errors import HavocError
 from havoc_core.grammar import Constraint, Grammars, mask_logits
-from havoc_core.inference import InferenceLinear, prepare_one_slot
+from havoc_core.inference import InferenceLinear, layouts_in_huge_pages
 from havoc_core.model import HavocModel
 from havoc_core.precision import prefill_dtype as default_prefill_dtype
 from havoc_core.sampling import SamplingParams, sample_tokens
@@ -114,14 +114,14 @@ class Engine:
         if model.training:
             raise HavocError("engine: expected a model in eval mode (model.eval() or inference.prepare_model)")
         self.model, self.tokenizer = model, tokenizer
-        cfg = model.config
-        self.max_len = cfg.max_seq_len
-        self.device = model.embed.weight.device
-        one_slot = max_batch == 1 and self.device.type == "cpu"  # a chat: see inference.prepare_one_slot
-        self.cache = model.make_cache(max_batch, self.max_len, prepare_one_slot(model) if one_slot else None)
+        self.max_len, self.device = model.config.max_seq_len, model.embed.weight.device
+        if one_slot := max_batch == 1 and self.device.type == "cpu":  # a chat
+            layouts_in_huge_pages(model)
+        # a chat's keys and values in fp32, as attention on CPU computes (a bf16 cache was upcast every step)
+        self.cache = model.make_cache(max_batch, self.max_len, torch.float32 if one_slot else None)
         self.slots: list[Slot | None] = [None] * max_batch
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model.embed.weight.dtype, self.device)
-        self.stop_ids = {cfg.eos_token_id}
+        self.stop_ids = {model.config.eos_token_id}
         self._decode = torch.compile(model, dynamic=True) if compile else model
         self._grammars: Grammars | None = None  # built at the first request with a json_schema
 

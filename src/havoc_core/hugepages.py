@@ -30,10 +30,10 @@ class HugePageBlock:
             block = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             block.madvise(mmap.MADV_HUGEPAGE)
             self.memory = torch.frombuffer(block, dtype=torch.uint8)  # (holds the mapping)
-            self.at = -self.memory.data_ptr() % HUGE_PAGE  # the first huge page boundary
+            boundary = HUGE_PAGE  # start at the first huge page boundary
         else:
-            self.memory, self.at = torch.empty(nbytes + ALIGN, dtype=torch.uint8), 0
-            self.at = -self.memory.data_ptr() % ALIGN
+            self.memory, boundary = torch.empty(nbytes + ALIGN, dtype=torch.uint8), ALIGN
+        self.at = -self.memory.data_ptr() % boundary
         self.end = self.at + nbytes
 
     def copy(self, t: Tensor) -> Tensor:
@@ -45,8 +45,3 @@ class HugePageBlock:
         self.at += aligned(nbytes)
         return out
 
-
-def huge_page_copies(tensors: list[Tensor]) -> list[Tensor]:
-    """Copies of CPU ``tensors`` (contiguous) side by side in one ``HugePageBlock``."""
-    block = HugePageBlock(sum(aligned(t.numel() * t.element_size()) for t in tensors))
-    return [block.copy(t) for t in tensors]

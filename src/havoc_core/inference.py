@@ -288,15 +288,14 @@ def prepare_model(model: HavocModel, dtype: torch.dtype | None = None, quantize:
     return model
 
 
-def prepare_one_slot(model: HavocModel) -> torch.dtype:
-    """What a one-slot engine on CPU (a chat) sets up, once per model: HAVOC's kernel's layouts, int8
-    ones made now (its first step would), in huge pages (``hugepages``; one at a time: the peak is
-    the block and one layout). Returns the KV cache's dtype: fp32, as attention on CPU computes (a
-    bf16 cache was upcast every step, ~20 us a layer compiled; 24 MB for havoc-small)."""
+def layouts_in_huge_pages(model: HavocModel) -> None:
+    """For a one-slot engine on CPU (a chat), once per model: HAVOC's kernel's layouts, int8 ones
+    made now (its first step would), moved into huge pages (``hugepages``), one at a time (the peak
+    is the block and one layout)."""
     if getattr(model, "_layouts_in_huge_pages", False):
-        return torch.float32
+        return
     built = isinstance(quant_kernel.load(), quant_kernel.Kernel)
-    own = [m for m in model.modules() if isinstance(m, InferenceLinear) and m.weight.device.type == "cpu"
+    own = [m for m in model.modules() if isinstance(m, InferenceLinear)
            and ((m.int4 is not None and m.int4[1] is None) or (m.scale is not None and built))]
     block = HugePageBlock(sum(aligned(m.int4[0].nbytes if m.int4 is not None else
                                       quant_kernel.int8_layout_nbytes(*m.weight.shape)) for m in own))
@@ -306,7 +305,6 @@ def prepare_one_slot(model: HavocModel) -> torch.dtype:
         else:
             m._own = block.copy(m._own if isinstance(m._own, Tensor) else quant_kernel.int8_layout(m.weight))
     model._layouts_in_huge_pages = True
-    return torch.float32
 
 
 def _inference_layout(model: HavocModel) -> None:

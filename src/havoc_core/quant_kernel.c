@@ -127,7 +127,8 @@ static inline __attribute__((always_inline)) void tile(int bits, const uint8_t* 
       __m256i c[8];  // int4: codes of inputs 4 j + b (c[j]) and 16 + 4 j + b (c[4 + j]); int8: signed codes
       __m256 s = _mm256_setzero_ps(), z = _mm256_setzero_ps();
       if (bits == 8) {
-        for (int j = 0; j < 8; ++j) c[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32 * h)), flip);
+        for (int j = 0; j < 8; ++j)
+          c[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32 * h)), flip);
       } else {
         for (int j = 0; j < 4; ++j) {
           const __m256i codes = _mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32 * h));
@@ -187,8 +188,10 @@ static inline void quantize_group(const float v[32], xblock* xb, int i) {
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f), lim = _mm512_set1_ps(127.f);
   const __m512 neg = _mm512_set1_ps(-127.f);
   const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(a, inv), round), neg), lim));
-  const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(b, inv), round), neg), lim));
+  const __m512 ra = _mm512_roundscale_ps(_mm512_mul_ps(a, inv), round);
+  const __m512 rb = _mm512_roundscale_ps(_mm512_mul_ps(b, inv), round);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(ra, neg), lim));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rb, neg), lim));
   sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
   _mm_storeu_si128((__m128i*)quads, _mm512_cvtepi32_epi8(qa));
   _mm_storeu_si128((__m128i*)(quads + 4), _mm512_cvtepi32_epi8(qb));
@@ -213,7 +216,8 @@ static inline void quantize_group(const float v[32], xblock* xb, int i) {
   sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
   // packs work within 128-bit halves: quads come out as 0, 2, 4, 6, 1, 3, 5, 7
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-  _mm256_storeu_si256((__m256i*)quads, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256((__m256i*)quads, _mm256_permutevar8x32_epi32(bytes, order));
 #endif
   for (int j = 0; j < 8; ++j) _mm_storeu_si128((__m128i*)(xb->xq + 64 * j + 16 * i), _mm_set1_epi32(quads[j]));
   const float scale = amax / 127.f;

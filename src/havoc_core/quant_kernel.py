@@ -12,11 +12,12 @@ AVX2's pair sums), scaled once in fp32.
 - Layouts (made at load time from the stored parts, never stored): output rows in tiles of 4,
   inputs in blocks of 128 (4 groups of 32); a vector lane of 4 bytes holds 4 inputs of one group
   of one row (lane 4 i + r: group i, row r), so each lane's integer dot products add up to the
-  whole group's, with no shuffles between rows (from L1, 1.25x (int4) and 1.5x (int8) the
-  blocks a second of transposing the sums, docs/LOG.md). int4, 320 bytes per tile and block: 4 registers of 64 bytes,
-  byte b of lane l of register j holding input 4 j + b in its low nibble and 16 + 4 j + b in its
-  high one; then per lane the bf16 scale and the bf16 zero. int8, 512 bytes: 8 such registers,
-  byte b of register j holding input 4 j + b as code + 128; one fp32 scale per row beside them.
+  whole group's with no shuffles between rows (from L1: 1.25x (int4) and 1.5x (int8) the blocks
+  per second of transposing the sums; docs/LOG.md). int4, 320 bytes per tile and block: 4
+  registers of 64 bytes, byte b of lane l of register j holding input 4 j + b in its low nibble and
+  16 + 4 j + b in its high one; then per lane the bf16 scale and the bf16 zero. int8, 512 bytes: 8
+  such registers, byte b of register j holding input 4 j + b as code + 128; one fp32 scale per row
+  beside them.
 - The AVX-512 and AVX2 builds make every output with the same float operations in the same order,
   so logits are bit-identical on both CPU kinds, and a row's result is the same in any batch.
 - Up to ``KERNEL_ROWS`` rows per call (decode steps) run in the kernel, reading the codes once;
