@@ -35,6 +35,7 @@ from havoc_core.errors import HavocError
 from havoc_core.grammar import Constraint, Grammars, mask_logits
 from havoc_core.inference import InferenceLinear, layouts_in_huge_pages
 from havoc_core.model import HavocModel
+from havoc_core.precision import compile_decode
 from havoc_core.precision import prefill_dtype as default_prefill_dtype
 from havoc_core.sampling import SamplingParams, sample_tokens
 
@@ -110,7 +111,7 @@ class Engine:
     def __init__(self, model: HavocModel, tokenizer: Any = None, *, max_batch: int = 1,
                  prefill_dtype: torch.dtype | None = None, compile: bool = False) -> None:
         """``prefill_dtype``: the activations' dtype of a prefill (default: ``precision.prefill_dtype``).
-        ``compile``: torch.compile the decode step (slow first steps, faster later ones)."""
+        ``compile``: torch.compile the decode step (``precision.compile_decode``: slow first steps)."""
         if model.training:
             raise HavocError("engine: expected a model in eval mode (model.eval() or inference.prepare_model)")
         self.model, self.tokenizer = model, tokenizer
@@ -121,8 +122,7 @@ class Engine:
         self.cache = model.make_cache(max_batch, self.max_len, torch.float32 if one_slot else None)
         self.slots: list[Slot | None] = [None] * max_batch
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(model.embed.weight.dtype, self.device)
-        self.stop_ids = {model.config.eos_token_id}
-        self._decode = torch.compile(model, dynamic=True) if compile else model
+        self.stop_ids, self._decode = {model.config.eos_token_id}, compile_decode(model, one_slot) if compile else model
         self._grammars: Grammars | None = None  # built at the first request with a json_schema
 
     # ------------------------------------------------------------------ requests

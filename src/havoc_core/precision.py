@@ -20,9 +20,10 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -163,6 +164,17 @@ def should_pack(weights: torch.dtype, n_params: int, device: str, batching: bool
     if weights == torch.bfloat16 and not (cpu or CpuInfo.detect()).native_bf16:
         return False
     return batching or (weights == torch.float32 and n_params < PACK_FP32_SINGLE_BELOW)
+
+
+def compile_decode(model: torch.nn.Module, one_slot_cpu: bool) -> Callable[..., Any]:
+    """The torch.compile of a decode step. A CPU chat (one slot) compiles for its own shapes (the
+    position alone turns symbolic, at the second compile) with Inductor's C++ wrapper calling the
+    kernels: a havoc-small int4 step took 3.3-3.7 ms, against 4.0-4.1 with every shape symbolic and
+    Python calling each kernel (docs/LOG.md, 2026-12-06 fifth session). Batching engines keep every
+    shape symbolic: their number of rows changes from step to step."""
+    if one_slot_cpu:
+        return torch.compile(model, options={"cpp_wrapper": True})
+    return torch.compile(model, dynamic=True)
 
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
