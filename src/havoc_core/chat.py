@@ -251,6 +251,16 @@ def _say(session: ChatSession, text: str, out: TextIO) -> None:
         print(" [stopped]", file=out, flush=True)
 
 
+def _compile_now(session: ChatSession, out: TextIO) -> None:
+    """Compile before the first message, not inside the first reply: a throwaway reply's first two
+    decode steps compile (for its shapes, then with the position symbolic: ``compile_decode``)."""
+    print("compiling the decode step (20-40 s the first time, a few s once cached) ...", file=out, flush=True)
+    start = time.perf_counter()
+    bos = session.engine.model.config.bos_token_id
+    session.engine.generate([[bos]], SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True))
+    print(f"compiled in {time.perf_counter() - start:.0f} s", file=out, flush=True)
+
+
 def run_chat(checkpoint: str | Path | None = None, *, system: str | None = None,
              params: SamplingParams | None = None, device: str = "auto", dtype: str = "auto",
              quantize: Quantize | None = None, compile: bool = False, prompt: str | None = None) -> int:
@@ -266,6 +276,8 @@ def run_chat(checkpoint: str | Path | None = None, *, system: str | None = None,
               "eager is faster)", file=sys.stderr)
         compile = False
     session = ChatSession(loaded.model, loaded.tokenizer, system=system, params=params, compile=compile)
+    if compile:
+        _compile_now(session, sys.stderr if prompt is not None else sys.stdout)
     if prompt is not None:
         if not prompt.strip():
             raise HavocError("--prompt: empty message")
