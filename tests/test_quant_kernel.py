@@ -138,6 +138,47 @@ def test_avx2_build_gives_the_same_bits(kernel, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(torch.load(out), here, strict=True))
 
 
+def operator_kernel() -> str:
+    """Where havoc::quant_linear's CPU kernel was registered from (the dispatcher's own record)."""
+    return next(line for line in torch._C._dispatch_dump("havoc::quant_linear").splitlines() if line.startswith("CPU"))
+
+
+@pytest.mark.parametrize(("bits", "n", "k"), CASES)
+def test_operator_gives_the_kernels_bits(kernel, bits, n, k):
+    """havoc::quant_linear, what a compiled step calls, runs quant_op.cpp where a C++ compiler exists
+    and gives the ctypes kernel's bits: fp32, bf16 and other dtypes, any leading shape, strided rows."""
+    if shutil.which("c++") or shutil.which("g++"):
+        assert "quant_op.cpp" in operator_kernel()
+    packed, scale, _ = matrix(n, k, bits=bits)
+    torch.manual_seed(2)
+    for x in (torch.randn(1, 1, k), torch.randn(5, k).bfloat16(), torch.randn(2, 3, k).half(), torch.randn(k, 3).t()):
+        y = quant_kernel.compiled_linear(x, packed, scale, n)
+        assert y.shape == (*x.shape[:-1], n) and torch.equal(y, kernel.linear(x, packed, n, scale))
+
+
+OPERATOR_FALLBACK_RUN = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_quant_kernel import matrix, operator_kernel
+from havoc_core import quant_kernel
+kernel = quant_kernel.load()
+packed, scale, _ = matrix(64, 256, bits="int8")
+x = torch.randn(2, 256)
+assert torch.equal(quant_kernel.compiled_linear(x, packed, scale, 64), kernel.linear(x, packed, 64, scale))
+print(operator_kernel())
+"""
+
+
+def test_without_a_cpp_compiler_the_operator_runs_python(kernel, tmp_path):
+    """The C kernel builds without a C++ compiler; the operator then runs the ctypes kernel, silently."""
+    done = subprocess.run([sys.executable, "-c", OPERATOR_FALLBACK_RUN, os.path.dirname(__file__)], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "CXX": str(tmp_path / "no-such-c++"), "HAVOC_KERNEL_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert "quant_kernel.py" in done.stdout and "quant_op.cpp" not in done.stdout, done.stdout
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*.so")] == ["quant_kernel"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
 def test_compiled_decode_equals_eager(kernel, model, tok, prompt_ids, quantize):
