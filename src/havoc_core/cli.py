@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one message on stdout and exit")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (20-40 s the first time, a few s once cached; on CPU "
-                        "1.5-1.7x the int8/int4 rate of small models)")
+                        "1.7-1.9x the int8/int4 rate of small models)")
     _add_generation_flags(p, CHAT_DEFAULTS)
 
     p = add("generate", cmd_generate, "raw text completion of a prompt (no chat format)")
