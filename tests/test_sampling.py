@@ -7,6 +7,15 @@ from havoc_core import HavocError
 from havoc_core.sampling import SamplingParams, sample_token, sample_tokens
 
 
+def test_greedy_takes_the_first_maximum_of_any_logits_tensor():
+    """Greedy picks run in numpy: the first of equal maxima, as torch.argmax, also for logits that
+    require grad (a user's own forward pass) or are bf16."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 3.0], requires_grad=True)
+    assert sample_token(logits, SamplingParams(temperature=0.0)) == 1
+    assert sample_tokens(torch.tensor([[1.0, 2.0, 2.0], [7.0, 7.0, 0.0]]).bfloat16(),
+                         [SamplingParams(temperature=0.0)] * 2, [None, None], [None, None]) == [1, 0]
+
+
 def test_sampling_filters():
     logits = torch.tensor([1.0, 5.0, 4.9, -2.0, 0.0])
     gen = torch.Generator().manual_seed(0)

@@ -44,4 +44,3 @@ class HugePageBlock:
         out.copy_(t)
         self.at += aligned(nbytes)
         return out
-
